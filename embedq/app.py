@@ -1,0 +1,152 @@
+"""App: the task registry, the settings and this process's connection to the broker.
+
+Like ``celery.Celery``, but constructed explicitly: no current-app proxies, no import-time side
+effects. Worker processes find the same App by importing the module that defines it; an App
+pickles as a reference (its ``main`` name and defining module), never by value.
+"""
+
+import importlib
+import inspect
+import os
+import sys
+import threading
+import weakref
+
+from .client import Client
+from .config import Settings
+from .errors import ConfigurationError
+from .result import AsyncResult
+from .task import Task
+
+#: Apps alive in this process by main name, so a pool child can find "the same" app.
+_apps = weakref.WeakValueDictionary()
+_default = []
+_MAIN_MODULES = ("__main__", "__mp_main__")
+
+
+class App:
+    Task = Task
+
+    def __init__(self, main=None, broker=None, *, include=(), **settings):
+        self.main = main
+        self.conf = Settings.from_environment(**settings)
+        if broker:
+            self.conf.broker_url = broker
+        caller = inspect.currentframe().f_back
+        module = caller.f_globals.get("__name__") if caller else None
+        #: the module that created this app, imported by worker processes to find it again
+        self.module = "__main__" if module in _MAIN_MODULES else module
+        self.include = list(include)
+        self.tasks = {}
+        self._client = None
+        self._client_lock = threading.Lock()
+        _apps[self.main or ""] = self
+
+    def __repr__(self):
+        return f"<embedq.App {self.main or '__main__'}>"
+
+    def __reduce__(self):
+        return (_find_app, (self.main, self.module, self.include, _picklable(self.conf.as_dict())))
+
+    # -- tasks -------------------------------------------------------------------------------
+    def task(self, *args, **options):
+        """``@app.task`` or ``@app.task(name=..., bind=True, base=..., queue=..., ...)``."""
+        if len(args) == 1 and callable(args[0]) and not options:
+            return self._create_task(args[0])
+        if args:
+            raise TypeError("app.task takes a function or only keyword options")
+        return lambda fun: self._create_task(fun, **options)
+
+    def _create_task(self, fun, name=None, base=None, **options):
+        name = name or self.gen_task_name(fun.__name__, fun.__module__)
+        attributes = {"name": name, "app": self, "_fun": staticmethod(fun), "__doc__": fun.__doc__,
+                      "__module__": fun.__module__, "__wrapped__": staticmethod(fun), **options}
+        task = type(fun.__name__, (base or self.Task,), attributes)()
+        self.tasks[name] = task
+        return task
+
+    def gen_task_name(self, name, module):
+        """``module.function``; for a script (``__main__``), ``main.function`` as Celery does,
+        so the name is the same in the script and in the worker processes it spawns."""
+        if module in _MAIN_MODULES:
+            module = self.main or "__main__"
+        return f"{module}.{name}"
+
+    def register_task(self, task):
+        if isinstance(task, type):
+            task = task()
+        task.app = self
+        task.name = task.name or self.gen_task_name(type(task).__name__, type(task).__module__)
+        self.tasks[task.name] = task
+        return task
+
+    # -- sending -----------------------------------------------------------------------------
+    def send_task(self, name, args=None, kwargs=None, **options):
+        """Submit a task by name (the client need not import its code)."""
+        task = self.tasks.get(name) or self._create_task(lambda *a, **k: None, name=name)
+        return task.apply_async(args, kwargs, **options)
+
+    def send_messages(self, messages):
+        """Submit prepared (header, payload) pairs in one round trip; one AsyncResult each."""
+        conn, _ = self.client.submit(messages)
+        from . import protocol as P
+        return [AsyncResult(P.decode(header)["id"], self, submitted_on=conn) for header, _ in messages]
+
+    def AsyncResult(self, task_id):  # noqa: N802 - Celery's name
+        return AsyncResult(task_id, self)
+
+    # -- connection --------------------------------------------------------------------------
+    @property
+    def client(self):
+        """This process's client, made on first use (and again after a fork or a new URL)."""
+        client = self._client
+        url = self.conf.broker_url
+        if client is not None and client.pid == os.getpid() and client.url == url:
+            return client
+        if not url:
+            raise ConfigurationError(
+                "no broker to send to: run the tasks inside `with embedq.start(app):`, or set "
+                "app.conf.broker_url = 'tcp://HOST:PORT' (the address of `python -m embedq.broker`)")
+        with self._client_lock:
+            if self._client is None or self._client.pid != os.getpid() or self._client.url != url:
+                if self._client is not None and self._client.pid == os.getpid():
+                    self._client.close()
+                self._client = Client(url, self.conf)
+            return self._client
+
+    def close(self):
+        if self._client is not None and self._client.pid == os.getpid():
+            self._client.close()
+        self._client = None
+
+    def config_from_object(self, obj):
+        if isinstance(obj, str):
+            obj = importlib.import_module(obj)
+        items = obj.items() if isinstance(obj, dict) else vars(obj).items()
+        self.conf.update({k: v for k, v in items if not k.startswith("_") and k.islower()})
+
+
+Celery = App
+
+
+def _picklable(settings):
+    return {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def _find_app(main, module, include, settings):
+    """Rebuild an App reference in another process: import its module and find it by name."""
+    for name in [module, *include]:
+        if name and name not in _MAIN_MODULES and name not in sys.modules:
+            importlib.import_module(name)
+    app = _apps.get(main or "")
+    if app is None:
+        app = App(main)
+    app.conf.update(settings)
+    return app
+
+
+def default_app():
+    """The app used by ``embedq.start()`` without one and by ``AsyncResult(id)`` without ``app``."""
+    if not _default:
+        _default.append(App("embedq"))
+    return _default[0]

@@ -1,0 +1,142 @@
+"""Command lines: ``python -m embedq.broker``, ``python -m embedq.worker`` and ``embedq``.
+
+The only place that configures logging.
+"""
+
+import argparse
+import importlib
+import ipaddress
+import logging
+import os
+import sys
+from urllib.parse import urlparse
+
+from .config import Settings
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+
+
+def configure_logging(level):
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+
+
+def check_bind_address(endpoint, insecure):
+    """Refuse to listen beyond this machine without authentication (CurveZMQ comes later)."""
+    url = urlparse(endpoint)
+    if url.scheme != "tcp" or insecure:
+        return
+    host = url.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(
+            f"refusing to bind {endpoint}: it is reachable from other machines and peers are not "
+            "authenticated (task payloads are pickles, i.e. code). Bind 127.0.0.1, or pass "
+            "--insecure if the network is trusted.")
+
+
+def broker_parser():
+    defaults = Settings.from_environment()
+    parser = argparse.ArgumentParser(prog="embedq broker", description="Run an embedq broker.")
+    parser.add_argument("--bind", default=DEFAULT_BIND, help="ZeroMQ endpoint (default %(default)s)")
+    parser.add_argument("--data-dir", default=defaults.broker_data_dir or "./embedq-data",
+                        help="LMDB directory (default %(default)s)")
+    parser.add_argument("--durability", choices=("fsync", "process"),
+                        default=defaults.broker_durability)
+    parser.add_argument("--heartbeat", type=float, default=defaults.broker_heartbeat)
+    parser.add_argument("--liveness", type=int, default=defaults.broker_heartbeat_liveness)
+    parser.add_argument("--result-expires", type=float, default=defaults.result_expires)
+    parser.add_argument("--max-store-size", type=int, default=defaults.broker_max_store_size,
+                        help="LMDB size cap in bytes; submits fail with StorageFull beyond it")
+    parser.add_argument("--max-message-size", type=int, default=defaults.broker_max_message_size)
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow binding a non-loopback address without authentication")
+    parser.add_argument("-l", "--loglevel", default="INFO")
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def broker_main(argv=None):
+    args = broker_parser().parse_args(argv)
+    configure_logging(args.loglevel)
+    check_bind_address(args.bind, args.insecure)
+    from .broker import run
+    from .errors import DataDirLocked
+
+    try:
+        run(args.data_dir, args.bind, durability=args.durability, ready_fd=args.ready_fd,
+            parent_pid=args.parent_pid, heartbeat=args.heartbeat, liveness=args.liveness,
+            result_expires=args.result_expires, max_store_size=args.max_store_size,
+            max_message_size=args.max_message_size)
+    except DataDirLocked as exc:
+        raise SystemExit(f"embedq broker: {exc}") from None
+
+
+def worker_parser():
+    defaults = Settings.from_environment()
+    parser = argparse.ArgumentParser(prog="embedq worker", description="Run an embedq worker node.")
+    parser.add_argument("-A", "--app", required=True,
+                        help="module defining the tasks (module, module:attr or module.attr)")
+    parser.add_argument("-b", "--broker", default=defaults.broker_url,
+                        help="broker endpoint, e.g. tcp://127.0.0.1:5555 (default: the app's "
+                             "broker_url, or $EMBEDQ_BROKER_URL)")
+    parser.add_argument("-c", "--concurrency", type=int, help="pool processes (default: CPUs)")
+    parser.add_argument("-n", "--hostname", help="node name, %%h is replaced by the host name")
+    parser.add_argument("-Q", "--queues", help="comma-separated queues to consume")
+    parser.add_argument("--prefetch-multiplier", type=int)
+    parser.add_argument("-l", "--loglevel", default="INFO")
+    return parser
+
+
+def load_app(spec):
+    """``tasks``, ``tasks:app`` or ``tasks.app`` -> the App object."""
+    from .app import App
+
+    sys.path.insert(0, os.getcwd())
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        if attribute or "." not in spec:
+            raise
+        module_name, attribute = spec.rsplit(".", 1)
+        module = importlib.import_module(module_name)
+    if attribute:
+        return getattr(module, attribute)
+    for name in ("app", "celery"):
+        if isinstance(getattr(module, name, None), App):
+            return getattr(module, name)
+    found = [value for value in vars(module).values() if isinstance(value, App)]
+    if len(found) != 1:
+        raise SystemExit(f"found {len(found)} embedq apps in {module_name}; name one as "
+                         f"-A {module_name}:ATTRIBUTE")
+    return found[0]
+
+
+def worker_main(argv=None):
+    args = worker_parser().parse_args(argv)
+    configure_logging(args.loglevel)
+    app = load_app(args.app)
+    broker = args.broker or app.conf.broker_url
+    if not broker:
+        raise SystemExit("no broker address: pass --broker tcp://HOST:PORT or set app.conf.broker_url")
+    from .worker import run
+
+    run(app, broker, concurrency=args.concurrency, name=args.hostname,
+        queues=args.queues.split(",") if args.queues else None,
+        prefetch_multiplier=args.prefetch_multiplier)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"broker": broker_main, "worker": worker_main}
+    if not argv or argv[0] not in commands:
+        print("usage: embedq {broker,worker} [options]   (embedq COMMAND --help for options)",
+              file=sys.stderr)
+        return 2
+    commands[argv[0]](argv[1:])
+    return 0

@@ -1,0 +1,214 @@
+"""The client side of the wire: submit tasks, wait for results, ask for states.
+
+Each thread gets its own DEALER socket (ZeroMQ sockets are not thread-safe), so a single-threaded
+``add.delay(1, 2).get()`` costs exactly two socket round trips with no thread hand-off. A submit
+subscribes its socket to the task's result, which the broker pushes the moment it is committed.
+
+ZeroMQ reconnects by itself but silently loses what was in flight when a broker dies, so every
+request is resent after ``broker_resend_interval`` of silence. That is harmless: task ids are
+chosen here and the broker deduplicates on them; WAIT and STATUS are idempotent.
+"""
+
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+
+import zmq
+
+from . import protocol as P
+from . import states
+from .errors import BrokerUnavailable, StorageFull, TimeoutError, UnknownTaskError
+
+log = logging.getLogger(__name__)
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost microseconds per call
+
+#: Results pushed to this process and not yet claimed by a ``get()``; oldest dropped first
+#: (a dropped one is fetched again from the broker's store when asked for).
+RESULT_CACHE_SIZE = 100_000
+#: Milliseconds a closing client socket may linger to deliver what it sent.
+LINGER_MS = 1000
+
+
+class ResultCache:
+    """Results received by any of this process's sockets, shared by all threads."""
+
+    def __init__(self, size=RESULT_CACHE_SIZE):
+        self.size = size
+        self.lock = threading.Lock()
+        self.items = collections.OrderedDict()
+
+    def put(self, task_id, header, payload):
+        with self.lock:
+            self.items[task_id] = (header, payload)
+            if len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def pop(self, task_id):
+        with self.lock:
+            return self.items.pop(task_id, None)
+
+
+class Connection:
+    """One DEALER socket owned by one thread."""
+
+    def __init__(self, client, identity=None):
+        self.client = client
+        sock = client.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.identity = identity or b"c:" + uuid.uuid4().hex.encode()
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.connect(client.url)
+        self.socket = sock
+        self.replies = {}
+
+    def close(self):
+        self.socket.close(linger=LINGER_MS)
+
+    def send(self, frames):
+        self.socket.send_multipart(frames)
+
+    def pump(self, timeout):
+        """Wait up to ``timeout`` seconds for messages and file them. True if any came."""
+        if not self.socket.poll(max(0, int(timeout * 1000))):
+            return False
+        while True:
+            try:
+                frames = self.socket.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                return True
+            try:
+                self.client.file_message(self, *P.split(frames))
+            except Exception as exc:  # never let one bad message break a waiting caller
+                log.warning("dropped malformed message from broker: %s", exc)
+
+    def request(self, frames, req, timeout):
+        """Send and wait for the reply carrying ``req``, resending on silence."""
+        resend = self.client.resend_interval
+        sent = time.monotonic()
+        deadline = None if timeout is None else sent + timeout
+        self.send(frames)
+        while True:
+            if req in self.replies:
+                return self.replies.pop(req)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise BrokerUnavailable(
+                    f"no answer from the broker at {self.client.url} within {timeout:.0f}s; is it "
+                    "running? (start one with embedq.start() or python -m embedq.broker)")
+            if now - sent >= resend:
+                self.send(frames)
+                sent = now
+            wait = sent + resend - now
+            self.pump(wait if deadline is None else min(wait, deadline - now))
+
+
+class Client:
+    """Everything one process says to one broker. Create through ``App.client``."""
+
+    def __init__(self, url, conf):
+        self.url = url
+        self.pid = os.getpid()
+        self.resend_interval = conf.broker_resend_interval
+        self.connection_timeout = conf.broker_connection_timeout
+        #: the process-wide context: a private one would be terminated by the garbage collector,
+        #: which blocks while any thread's socket is still open
+        self.context = zmq.Context.instance()
+        self.results = ResultCache()
+        self.local = threading.local()
+        self.requests = itertools.count(1)
+        self.connections = []
+        self.lock = threading.Lock()
+        #: optional hook (task id, header, payload) for results pushed to other identities' owners
+        self.on_result = None
+
+    def connection(self):
+        conn = getattr(self.local, "connection", None)
+        if conn is None:
+            conn = self.local.connection = Connection(self)
+            with self.lock:
+                self.connections.append(conn)
+        return conn
+
+    def close(self):
+        with self.lock:
+            for conn in self.connections:
+                conn.close()
+            self.connections = []
+        self.local = threading.local()
+
+    def file_message(self, conn, command, body):
+        if command == P.RESULT:
+            for raw, payload in P.pairs(body):
+                header = P.decode(raw)
+                self.results.put(header["id"], header, payload)
+        elif command == P.STATE and body:
+            info = P.decode(body[0])
+            if "req" in info:
+                conn.replies[info["req"]] = info
+            elif info.get("state") == states.UNKNOWN:
+                self.results.put(info["id"], info, b"")
+        elif command == P.ACK and body:
+            info = P.decode(body[0])
+            conn.replies[info.get("req")] = info
+        elif command == P.DISCONNECT:
+            log.warning("broker refused a message: %s", body[0][:200] if body else b"")
+
+    # -- requests ----------------------------------------------------------------------------
+    def submit(self, tasks, timeout=None):
+        """Send (header JSON, payload) pairs in one message; return once they are committed."""
+        conn = self.connection()
+        req = next(self.requests)
+        frames = P.message(P.SUBMIT, P.encode({"req": req}), *itertools.chain.from_iterable(tasks))
+        reply = conn.request(frames, req, self.connection_timeout if timeout is None else timeout)
+        if reply.get("error") == "StorageFull":
+            raise StorageFull(reply.get("message", "broker store is full"))
+        return conn, reply
+
+    def status(self, task_ids):
+        conn = self.connection()
+        req = next(self.requests)
+        reply = conn.request(P.message(P.STATUS, P.encode({"req": req, "ids": list(task_ids)})),
+                             req, self.connection_timeout)
+        return reply["states"]
+
+    def forget(self, task_ids):
+        conn = self.connection()
+        req = next(self.requests)
+        conn.request(P.message(P.FORGET, P.encode({"req": req, "ids": list(task_ids)})),
+                     req, self.connection_timeout)
+
+    def wait(self, task_id, timeout=None, subscribed=None):
+        """Block until the result of ``task_id`` arrives; return (header, payload).
+
+        ``subscribed`` is the connection that submitted the task (already subscribed to the
+        result); from any other thread, or after a silent spell, a WAIT is (re)sent.
+        """
+        found = self.results.pop(task_id)
+        conn = self.connection()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait_frames = P.message(P.WAIT, P.encode({"ids": [task_id]}))
+        sent = time.monotonic()
+        if found is None and subscribed is not conn:
+            conn.send(wait_frames)
+        while found is None:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(f"task {task_id} did not finish within {timeout}s")
+            if now - sent >= self.resend_interval:
+                conn.send(wait_frames)  # the broker may have restarted and forgotten the waiter
+                sent = now
+            wait = sent + self.resend_interval - now
+            conn.pump(wait if deadline is None else min(wait, deadline - now))
+            found = self.results.pop(task_id)
+        header, payload = found
+        if header.get("state") == states.UNKNOWN:
+            raise UnknownTaskError(task_id)
+        return header, payload

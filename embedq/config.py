@@ -1,0 +1,107 @@
+"""Settings, under Celery's names, and the only place embedq reads environment variables.
+
+``app.conf`` is a :class:`Settings`. Unknown names are kept (so a Celery config module loads
+unchanged) but only the names in :data:`DEFAULTS` have an effect; ``Settings.unused()`` lists the
+rest so a port can see what embedq ignores.
+"""
+
+import os
+from pathlib import Path
+
+DURABILITY_MODES = ("fsync", "process")
+
+DEFAULTS = {
+    #: Where clients and workers reach the broker, e.g. ``tcp://127.0.0.1:5555`` or ``ipc:///tmp/eq``.
+    "broker_url": None,
+    #: ``fsync``: an accepted task survives power loss (each group commit is fsynced).
+    #: ``process``: it survives any process crash; the OS flushes to disk in its own time.
+    "broker_durability": "fsync",
+    #: The broker's LMDB directory (``data_dir`` of ``embedq.start`` overrides it).
+    "broker_data_dir": None,
+    #: Cap on the LMDB map; at the cap submits fail with ``StorageFull``.
+    "broker_max_store_size": 4 << 30,
+    #: Largest message the broker accepts; bigger ones are dropped by ZeroMQ before parsing.
+    "broker_max_message_size": 64 << 20,
+    #: Seconds between heartbeats, broker <-> worker node.
+    "broker_heartbeat": 0.5,
+    #: Missed heartbeats before a peer is declared dead (eviction after heartbeat * liveness).
+    "broker_heartbeat_liveness": 3,
+    #: Seconds a client waits for the broker to acknowledge a submit before BrokerUnavailable.
+    "broker_connection_timeout": 30.0,
+    #: Seconds of silence after which a client re-sends an unanswered request (safe: ids dedupe).
+    "broker_resend_interval": 1.0,
+    #: Seconds a stored result lives (Celery's default: one day). None keeps results forever.
+    "result_expires": 86400.0,
+    #: Queue for tasks with no route.
+    "task_default_queue": "celery",
+    #: Pool processes per worker node (default: CPU count).
+    "worker_concurrency": None,
+    #: A node holds at most concurrency * multiplier tasks (running + prefetched), as in Celery.
+    "worker_prefetch_multiplier": 2,
+    #: Schedules and crontab are evaluated in this zone.
+    "timezone": "UTC",
+}
+
+_ENVIRONMENT = {
+    "EMBEDQ_BROKER_URL": "broker_url",
+    "EMBEDQ_DURABILITY": "broker_durability",
+    "EMBEDQ_DATA_DIR": "broker_data_dir",
+}
+
+
+class Settings:
+    """Attribute and mapping access to settings: ``conf.result_expires``, ``conf["timezone"]``."""
+
+    def __init__(self, **overrides):
+        object.__setattr__(self, "_values", dict(DEFAULTS))
+        self.update(overrides)
+
+    @classmethod
+    def from_environment(cls, environ=None, **overrides):
+        environ = os.environ if environ is None else environ
+        found = {key: environ[var] for var, key in _ENVIRONMENT.items() if environ.get(var)}
+        found.update(overrides)
+        return cls(**found)
+
+    def update(self, mapping=None, **kwargs):
+        for key, value in {**(mapping or {}), **kwargs}.items():
+            self[key] = value
+
+    def __getattr__(self, name):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no setting named {name!r}") from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __getitem__(self, name):
+        return self._values[name]
+
+    def __setitem__(self, name, value):
+        if name == "broker_durability" and value not in DURABILITY_MODES:
+            raise ValueError(f"broker_durability must be one of {DURABILITY_MODES}, not {value!r}")
+        self._values[name] = value
+
+    def get(self, name, default=None):
+        return self._values.get(name, default)
+
+    def as_dict(self):
+        return dict(self._values)
+
+    def unused(self):
+        return sorted(set(self._values) - set(DEFAULTS))
+
+    def __repr__(self):
+        return f"Settings({self._values!r})"
+
+
+def default_data_dir(app_name):
+    """Per-app directory under ``$XDG_DATA_HOME`` so a restarted script finds its unfinished tasks."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return str(Path(base) / "embedq" / (app_name or "default"))
+
+
+def default_concurrency():
+    return os.cpu_count() or 1

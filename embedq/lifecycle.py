@@ -1,0 +1,50 @@
+"""Process hygiene shared by broker, worker node and pool children: no orphans, clean signals."""
+
+import ctypes
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig=signal.SIGTERM, parent_pid=None):
+    """Ask Linux to send ``sig`` to this process when its parent dies (even by kill -9).
+
+    Elsewhere this is a no-op and the loops fall back to :func:`parent_gone`. If the parent is
+    already gone (it died before we got here), exit at once.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if parent_pid is not None and parent_gone(parent_pid):
+        os._exit(0)
+
+
+def parent_gone(parent_pid):
+    return parent_pid is not None and os.getppid() != parent_pid
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag the loop checks; a second signal raises KeyboardInterrupt.
+
+    The first signal asks for a clean stop (commit, hand leases back); the second is cold.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.requested = False
+        self.count = 0
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        self.requested = True
+        if self.count > 1:
+            raise KeyboardInterrupt
+
+    def __bool__(self):
+        return self.requested

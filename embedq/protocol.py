@@ -1,0 +1,148 @@
+"""Wire format: ZeroMQ multipart frames, no sockets here (see docs/protocol.md).
+
+Every message is ``[PROTOCOL, COMMAND, *body]``; through the broker's ROUTER the peer's routing id
+is prepended. Bodies are a JSON control frame (small, safe to parse in the broker) and, for tasks
+and results, ``(header, payload)`` frame pairs. The payload is opaque to the broker: it is pickle,
+and the broker never unpickles anything.
+"""
+
+import json
+from typing import NamedTuple
+
+from .errors import ProtocolError
+
+#: Version frame; a peer speaking anything else is sent DISCONNECT.
+PROTOCOL = b"EQ1"
+
+# client -> broker
+SUBMIT = b"SUBMIT"      # {"req"} (header, payload)*      -> ACK
+WAIT = b"WAIT"          # {"ids"}                         -> RESULT / STATE as each settles
+STATUS = b"STATUS"      # {"req", "ids"}                  -> STATE
+FORGET = b"FORGET"      # {"req", "ids"}                  -> ACK
+# broker -> client
+ACK = b"ACK"            # {"req", "accepted", "duplicates", "error"?}
+RESULT = b"RESULT"      # (result header, payload)*  (also worker -> broker)
+STATE = b"STATE"        # {"req"?, "states": {id: {"state", ...}}}
+# worker node <-> broker
+READY = b"READY"        # {"node", "slots", "queues", "held"}  -> WELCOME
+WELCOME = b"WELCOME"    # {"broker", "heartbeat", "drop"}
+TASK = b"TASK"          # (token, header, payload)*
+SETTLED = b"SETTLED"    # {"tokens"}: results committed, the node may forget them
+HEARTBEAT = b"HEARTBEAT"  # {"held", "seen"} from nodes; empty from the broker
+# both ways
+DISCONNECT = b"DISCONNECT"  # {"reason"}: "I do not know you / you broke protocol: re-register"
+
+CLIENT_COMMANDS = frozenset({SUBMIT, WAIT, STATUS, FORGET})
+WORKER_COMMANDS = frozenset({READY, HEARTBEAT, RESULT, DISCONNECT})
+
+#: Longest accepted task id, queue or task name (characters).
+MAX_NAME_LENGTH = 255
+#: Priorities run 0..MAX_PRIORITY; higher runs sooner.
+MAX_PRIORITY = 255
+
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_decode = json.JSONDecoder().decode
+
+
+def encode(obj):
+    """JSON control frame. Compact and ASCII-safe enough to read in a packet capture."""
+    return _encoder.encode(obj).encode()
+
+
+def decode(frame):
+    """Parse a JSON control frame that must be an object, or raise ProtocolError."""
+    try:
+        obj = _decode(frame.decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"control frame is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("control frame must be a JSON object")
+    return obj
+
+
+def message(command, *body):
+    return [PROTOCOL, command, *body]
+
+
+def split(frames):
+    """``[PROTOCOL, COMMAND, *body]`` -> (command, body)."""
+    if len(frames) < 2 or frames[0] != PROTOCOL:
+        raise ProtocolError("missing or unsupported protocol frame")
+    return bytes(frames[1]), frames[2:]
+
+
+def pairs(body, width=2):
+    """Group a body into fixed-width tuples, e.g. (header, payload)."""
+    if not body or len(body) % width:
+        raise ProtocolError(f"expected groups of {width} frames, got {len(body)} frames")
+    return [tuple(body[i:i + width]) for i in range(0, len(body), width)]
+
+
+def check_name(value, field):
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH or "\0" in value:
+        raise ProtocolError(f"{field} must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
+    return value
+
+
+def check_ids(obj, field="ids"):
+    ids = obj.get(field)
+    if not isinstance(ids, list):
+        raise ProtocolError(f"{field} must be a list")
+    for task_id in ids:
+        check_name(task_id, "task id")
+    return ids
+
+
+def _optional_number(value, field):
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    raise ProtocolError(f"{field} must be a number or null")
+
+
+class TaskHeader(NamedTuple):
+    """The part of a task the broker reads. The raw JSON is stored and forwarded unchanged."""
+
+    id: str
+    task: str
+    queue: str
+    priority: int
+    eta: float | None
+    expires: float | None
+    notify: bool
+    reply_to: str | None
+
+    @classmethod
+    def parse(cls, frame):
+        obj = decode(frame)
+        priority = obj.get("priority") or 0
+        if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= MAX_PRIORITY:
+            raise ProtocolError(f"priority must be an integer 0..{MAX_PRIORITY}")
+        return cls(
+            id=check_name(obj.get("id"), "task id"),
+            task=check_name(obj.get("task"), "task name"),
+            queue=check_name(obj.get("queue"), "queue"),
+            priority=priority,
+            eta=_optional_number(obj.get("eta"), "eta"),
+            expires=_optional_number(obj.get("expires"), "expires"),
+            notify=bool(obj.get("notify", True)),
+            reply_to=obj.get("reply_to") if isinstance(obj.get("reply_to"), str) else None,
+        )
+
+
+class ResultHeader(NamedTuple):
+    """The part of a worker's result the broker reads."""
+
+    id: str
+    token: int
+    state: str
+
+    @classmethod
+    def parse(cls, frame):
+        obj = decode(frame)
+        token = obj.get("token")
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise ProtocolError("result token must be an integer")
+        state = obj.get("state")
+        if not isinstance(state, str):
+            raise ProtocolError("result state must be a string")
+        return cls(id=check_name(obj.get("id"), "task id"), token=token, state=state)

@@ -1,0 +1,100 @@
+"""AsyncResult: a handle on one task's outcome, as in ``celery.result.AsyncResult``.
+
+A final result is fetched once and cached on the handle (results never change once settled).
+Until then ``state`` asks the broker each time, and ``get()`` blocks on the result the broker
+pushes when the task settles; nothing polls.
+"""
+
+from . import serialize, states
+
+
+class AsyncResult:
+    def __init__(self, id, app=None, *, submitted_on=None):  # noqa: A002 - Celery's name
+        if app is None:
+            from .app import default_app  # local: the app module imports this one
+            app = default_app()
+        self.id = id
+        self.app = app
+        self._submitted_on = submitted_on
+        self._header = None      # the result header once final
+        self._payload = None
+
+    task_id = property(lambda self: self.id)
+
+    def __repr__(self):
+        return f"<AsyncResult: {self.id}>"
+
+    def __eq__(self, other):
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __reduce__(self):
+        return (AsyncResult, (self.id, self.app))
+
+    # -- state -----------------------------------------------------------------------------
+    def _meta(self):
+        if self._header is not None:
+            return self._header
+        info = self.app.client.status([self.id])[self.id]
+        if info.get("state") in states.READY_STATES:
+            self._header = info
+        return info
+
+    @property
+    def state(self):
+        return self._meta()["state"]
+
+    status = state
+
+    def ready(self):
+        return self.state in states.READY_STATES
+
+    def successful(self):
+        return self.state == states.SUCCESS
+
+    def failed(self):
+        return self.state == states.FAILURE
+
+    @property
+    def traceback(self):
+        return self._meta().get("traceback")
+
+    @property
+    def date_done(self):
+        return self._meta().get("date_done")
+
+    @property
+    def result(self):
+        """The return value, or the exception for a failed task (None while unfinished)."""
+        if self._header is None and not self.ready():
+            return None
+        return self.get(propagate=False)
+
+    info = result
+
+    # -- waiting ---------------------------------------------------------------------------
+    def get(self, timeout=None, propagate=True, interval=None, disable_sync_subtasks=True):
+        """Wait for the task to finish and return its value (``interval`` is accepted for
+        compatibility: results are pushed, not polled)."""
+        if self._header is None or self._payload is None:
+            client = self.app.client
+            self._header, self._payload = client.wait(self.id, timeout, subscribed=self._submitted_on)
+        return self._decode(propagate)
+
+    wait = get
+
+    def _decode(self, propagate):
+        header = self._header
+        if header["state"] == states.SUCCESS:
+            return serialize.loads(self._payload, header.get("codec"), header.get("py"))
+        exc = serialize.loads_exception(self._payload, header)
+        if propagate:
+            raise exc
+        return exc
+
+    def forget(self):
+        """Remove the stored result from the broker (the id becomes UNKNOWN)."""
+        self.app.client.forget([self.id])
+        self._header = self._payload = None

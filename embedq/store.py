@@ -1,0 +1,324 @@
+"""The broker's LMDB store: the one place task state lives. Opened only by the broker process.
+
+Named databases and their keys (integers are big-endian so byte order is numeric order)::
+
+    tasks      id                                  -> seq u64 | hlen u32 | header JSON | payload
+               every accepted task until it settles (queued, scheduled or leased)
+    ready      queue | 0x00 | 255-priority u8 | seq u64   -> id
+               deliverable now; a cursor walk gives priority (high first), then submit order
+    scheduled  due_us u64 | seq u64               -> id     (countdown/ETA/retry: held until due)
+    leases     id                                  -> token u64 | since_us u64 | node id
+               delivered to a worker node; the token names this delivery, so a late result from
+               an evicted node is recognised and discarded
+    results    id                                  -> hlen u32 | header JSON | payload
+    expiry     expires_us u64 | id                 -> b""   (result clean-up order)
+    meta       b"seq" -> u64 (last sequence number / delivery token); b"version" -> b"1"
+
+One write transaction per broker loop iteration (group commit). ``fsync`` durability opens LMDB
+with ``sync=True`` (a committed transaction survives power loss); ``process`` with ``sync=False``
+(it survives any process crash; the OS flushes later). Never ``writemap=True``: a full disk would
+kill the broker with SIGBUS instead of raising ``lmdb.DiskError``. LMDB does not stop two
+processes from opening one directory, so the broker holds an exclusive ``flock`` on ``broker.lock``.
+"""
+
+import fcntl
+import logging
+import os
+import struct
+from collections import Counter
+
+import lmdb
+
+from .errors import DataDirLocked, StorageFull
+from .protocol import TaskHeader
+
+log = logging.getLogger(__name__)
+
+#: First map size; it doubles on demand up to the configured cap.
+INITIAL_MAP_SIZE = 64 << 20
+#: Grow the map before a transaction when more than this fraction of it is in use.
+GROW_THRESHOLD = 0.6
+SCHEMA_VERSION = b"1"
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_TASK_PREFIX = struct.Struct(">QI")       # seq, header length
+_LEASE = struct.Struct(">QQ")              # token, since (µs)
+_READY_SUFFIX = struct.Struct(">BQ")      # 255 - priority, seq
+_DUE = struct.Struct(">QQ")                # due (µs), seq
+
+
+def _us(seconds):
+    return int(seconds * 1_000_000)
+
+
+def split_record(value, offset=0):
+    """``hlen u32 | header | payload`` (at ``offset``) -> (header, payload)."""
+    (hlen,) = _U32.unpack_from(value, offset)
+    start = offset + 4
+    return value[start:start + hlen], value[start + hlen:]
+
+
+def join_record(header, payload):
+    return _U32.pack(len(header)) + header + payload
+
+
+class Lease:
+    __slots__ = ("task_id", "token", "since", "node")
+
+    def __init__(self, task_id, token, since, node):
+        self.task_id, self.token, self.since, self.node = task_id, token, since, node
+
+
+class Store:
+    def __init__(self, path, durability="fsync", max_size=4 << 30):
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.max_size = max_size
+        self._lock_file = _lock_data_dir(path)
+        self.env = lmdb.open(
+            path, map_size=min(INITIAL_MAP_SIZE, max_size), max_dbs=8, subdir=True,
+            sync=(durability == "fsync"), metasync=(durability == "fsync"),
+            writemap=False, readahead=False, max_readers=64,
+        )
+        self.env.reader_check()
+        self.grow_to_fit()
+        names = ("tasks", "ready", "scheduled", "leases", "results", "expiry", "meta")
+        self.db = {name: self.env.open_db(name.encode()) for name in names}
+        with self.env.begin(write=True) as txn:
+            meta = self.db["meta"]
+            txn.put(b"version", SCHEMA_VERSION, db=meta, overwrite=False)
+            raw = txn.get(b"seq", db=meta)
+            self.seq = _U64.unpack(raw)[0] if raw else 0
+        #: ready tasks per queue, so dispatch skips empty queues without touching LMDB
+        self.ready_counts = self._count_ready()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self):
+        self.env.close()
+        self._lock_file.close()
+
+    def _count_ready(self):
+        counts = Counter()
+        with self.env.begin() as txn:
+            for key in txn.cursor(db=self.db["ready"]).iternext(values=False):
+                counts[key[:key.index(b"\0")].decode()] += 1
+        return counts
+
+    def grow_to_fit(self):
+        info, stat = self.env.info(), self.env.stat()
+        used = (info["last_pgno"] + 1) * stat["psize"]
+        size = info["map_size"]
+        while used > size * GROW_THRESHOLD and size < self.max_size:
+            size = min(size * 2, self.max_size)
+        if size != info["map_size"]:
+            log.info("growing LMDB map to %d MiB", size >> 20)
+            self.env.set_mapsize(size)
+
+    def grow(self):
+        """After MapFullError: double the map if under the cap. False means we are at the cap."""
+        size = self.env.info()["map_size"]
+        if size >= self.max_size:
+            return False
+        self.env.set_mapsize(min(size * 2, self.max_size))
+        return True
+
+    def begin(self):
+        return Batch(self)
+
+    # -- reads outside the loop's transaction (startup) ---------------------------------------
+    def leases(self):
+        with self.env.begin() as txn:
+            return [_parse_lease(k, v) for k, v in txn.cursor(db=self.db["leases"])]
+
+
+def _parse_lease(key, value):
+    token, since = _LEASE.unpack_from(value)
+    return Lease(key.decode(), token, since / 1e6, value[_LEASE.size:].decode())
+
+
+class Batch:
+    """One write transaction: everything a loop iteration changes, committed at once."""
+
+    def __init__(self, store):
+        self.store = store
+        self.db = store.db
+        self.txn = store.env.begin(write=True)
+        self.seq = store.seq
+        self.ready_delta = Counter()
+
+    def next_seq(self):
+        self.seq += 1
+        return self.seq
+
+    def commit(self):
+        self.txn.put(b"seq", _U64.pack(self.seq), db=self.db["meta"])
+        self.txn.commit()
+        self.store.seq = self.seq
+        self.store.ready_counts.update(self.ready_delta)
+
+    def abort(self):
+        self.txn.abort()
+
+    # -- tasks ---------------------------------------------------------------------------
+    def add_task(self, header, raw_header, payload, now):
+        """Put-if-absent on the id. Returns False for a duplicate (queued, running or settled)."""
+        key = header.id.encode()
+        if self.txn.get(key, db=self.db["results"]) is not None:
+            return False
+        seq = self.next_seq()
+        value = _TASK_PREFIX.pack(seq, len(raw_header)) + raw_header + payload
+        if not self.txn.put(key, value, db=self.db["tasks"], overwrite=False):
+            return False
+        if header.eta is not None and header.eta > now:
+            self.txn.put(_DUE.pack(_us(header.eta), seq), key, db=self.db["scheduled"])
+        else:
+            self._make_ready(key, header.queue, header.priority, seq)
+        return True
+
+    def _make_ready(self, key, queue, priority, seq):
+        self.txn.put(queue.encode() + b"\0" + _READY_SUFFIX.pack(255 - priority, seq), key,
+                     db=self.db["ready"])
+        self.ready_delta[queue] += 1
+
+    def task(self, task_id):
+        """(seq, header, payload) of an unsettled task, or None."""
+        value = self.txn.get(task_id.encode(), db=self.db["tasks"])
+        if value is None:
+            return None
+        seq, hlen = _TASK_PREFIX.unpack_from(value)
+        start = _TASK_PREFIX.size
+        return seq, value[start:start + hlen], value[start + hlen:]
+
+    def take_ready(self, queue, limit):
+        """Remove and return up to ``limit`` (id, header, payload) from a queue, best first."""
+        prefix = queue.encode() + b"\0"
+        cursor = self.txn.cursor(db=self.db["ready"])
+        taken = []
+        if not cursor.set_range(prefix):
+            return taken
+        while len(taken) < limit:
+            key = cursor.key()
+            if not key.startswith(prefix):
+                break
+            task_id = cursor.value()
+            record = self.task(task_id.decode())
+            cursor.delete()
+            self.ready_delta[queue] -= 1
+            if record is not None:  # a stale index entry (task settled meanwhile) is skipped
+                taken.append((task_id.decode(), record[1], record[2]))
+            if not cursor.key():
+                break
+        return taken
+
+    def peek_ready(self, queue):
+        """Sort key (255-priority, seq) of the best ready task in ``queue``, or None."""
+        prefix = queue.encode() + b"\0"
+        cursor = self.txn.cursor(db=self.db["ready"])
+        if cursor.set_range(prefix) and cursor.key().startswith(prefix):
+            return cursor.key()[len(prefix):]
+        return None
+
+    def requeue(self, task_id):
+        """Put a leased task back at its original place in its queue (it goes first again)."""
+        record = self.task(task_id)
+        self.txn.delete(task_id.encode(), db=self.db["leases"])
+        if record is None:
+            return False
+        seq, raw_header, _ = record
+        header = TaskHeader.parse(raw_header)
+        self._make_ready(task_id.encode(), header.queue, header.priority, seq)
+        return True
+
+    def promote_due(self, now, limit=10000):
+        """Move scheduled tasks whose time has come to their ready queue. Returns the next due time."""
+        cursor = self.txn.cursor(db=self.db["scheduled"])
+        bound = _us(now)
+        moved = 0
+        while cursor.first() and moved < limit:
+            due_us, seq = _DUE.unpack(cursor.key())
+            if due_us > bound:
+                return due_us / 1e6
+            task_id = cursor.value()
+            cursor.delete()
+            record = self.task(task_id.decode())
+            if record is not None:
+                header = TaskHeader.parse(record[1])
+                self._make_ready(task_id, header.queue, header.priority, seq)
+            moved += 1
+        return self.next_due()
+
+    def next_due(self):
+        cursor = self.txn.cursor(db=self.db["scheduled"])
+        return _DUE.unpack(cursor.key())[0] / 1e6 if cursor.first() else None
+
+    # -- leases ----------------------------------------------------------------------------
+    def lease(self, task_id, token, node, now):
+        self.txn.put(task_id.encode(), _LEASE.pack(token, _us(now)) + node.encode(), db=self.db["leases"])
+
+    def get_lease(self, task_id):
+        value = self.txn.get(task_id.encode(), db=self.db["leases"])
+        return None if value is None else _parse_lease(task_id.encode(), value)
+
+    # -- results ---------------------------------------------------------------------------
+    def settle(self, task_id, raw_header, payload, expires_at):
+        """Store a final result and drop the task and its lease, in this transaction."""
+        key = task_id.encode()
+        self.txn.delete(key, db=self.db["tasks"])
+        self.txn.delete(key, db=self.db["leases"])
+        self.txn.put(key, join_record(raw_header, payload), db=self.db["results"])
+        if expires_at is not None:
+            self.txn.put(_U64.pack(_us(expires_at)) + key, b"", db=self.db["expiry"])
+
+    def result(self, task_id):
+        value = self.txn.get(task_id.encode(), db=self.db["results"])
+        return None if value is None else split_record(value)
+
+    def forget(self, task_id):
+        """Drop a stored result (its expiry entry is cleaned when it comes due)."""
+        return self.txn.delete(task_id.encode(), db=self.db["results"])
+
+    def expire_results(self, now, limit=1000):
+        cursor = self.txn.cursor(db=self.db["expiry"])
+        bound = _U64.pack(_us(now))
+        removed = 0
+        if not cursor.first():
+            return 0
+        while removed < limit:
+            key = cursor.key()
+            if not key or key[:8] > bound:
+                break
+            self.txn.delete(key[8:], db=self.db["results"])
+            cursor.delete()
+            removed += 1
+        return removed
+
+    def is_known(self, task_id):
+        key = task_id.encode()
+        return (self.txn.get(key, db=self.db["tasks"]) is not None
+                or self.txn.get(key, db=self.db["results"]) is not None)
+
+    def has_lease(self, task_id):
+        return self.txn.get(task_id.encode(), db=self.db["leases"]) is not None
+
+
+def _lock_data_dir(path):
+    """Exclusive, non-blocking flock; released by the OS if the broker dies (even by kill -9)."""
+    lock_file = open(os.path.join(path, "broker.lock"), "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        owner = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        raise DataDirLocked(
+            f"another broker (pid {owner}) is using data dir {path!r}; stop it or choose another "
+            "--data-dir") from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+    return lock_file
+
+
+__all__ = ["Store", "Batch", "Lease", "StorageFull", "split_record", "join_record"]
