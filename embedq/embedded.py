@@ -107,24 +107,12 @@ class Cluster(concurrent.futures.Executor):
         return self
 
     def _start_broker(self):
-        read_fd, write_fd = os.pipe()
         conf = self.app.conf
-        command = [sys.executable, "-m", "embedq.broker", "--bind", self.bind, "--data-dir",
-                   self.data_dir, "--durability", self.durability, "--ready-fd", str(write_fd),
-                   "--parent-pid", str(os.getpid()), "--heartbeat", str(conf.broker_heartbeat),
-                   "--loglevel", logging.getLevelName(logging.getLogger("embedq").getEffectiveLevel())]
-        if conf.result_expires is not None:
-            command += ["--result-expires", str(conf.result_expires)]
-        process = subprocess.Popen(command, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as ready:
-            line = _read_line(ready, BROKER_START_TIMEOUT)
-        if not line:
-            code = process.poll()
-            process.kill()
-            raise RuntimeError(f"the embedded broker did not start (exit code {code}); see its "
-                               f"error output above (data dir {self.data_dir!r})")
-        return process, line.decode().strip()
+        return start_broker_process(
+            self.bind, self.data_dir, durability=self.durability, parent_pid=os.getpid(),
+            extra_args=["--heartbeat", str(conf.broker_heartbeat),
+                        "--result-expires", str(conf.result_expires or 0),
+                        "--loglevel", logging.getLevelName(logging.getLogger("embedq").getEffectiveLevel())])
 
     def _start_worker(self, endpoint):
         context = multiprocessing.get_context("spawn")
@@ -283,6 +271,31 @@ class Cluster(concurrent.futures.Executor):
             future.set_exception(UnknownTaskError(header.get("id")))
         else:
             future.set_exception(serialize.loads_exception(payload, header))
+
+
+def start_broker_process(bind, data_dir, *, durability="fsync", parent_pid=None, extra_args=(),
+                         timeout=BROKER_START_TIMEOUT, **popen_options):
+    """Run ``python -m embedq.broker`` and wait until it listens; return (Popen, endpoint).
+
+    The broker reports its real endpoint (``tcp://127.0.0.1:0`` picks a free port) on a pipe,
+    so the caller never races its bind.
+    """
+    read_fd, write_fd = os.pipe()
+    command = [sys.executable, "-m", "embedq.broker", "--bind", bind, "--data-dir", str(data_dir),
+               "--durability", durability, "--ready-fd", str(write_fd), *extra_args]
+    if parent_pid is not None:
+        command += ["--parent-pid", str(parent_pid)]
+    process = subprocess.Popen(command, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, **popen_options)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as ready:
+        line = _read_line(ready, timeout)
+    if not line:
+        code = process.poll()
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"the broker did not start (exit code {code}); see its error output "
+                           f"(data dir {str(data_dir)!r})")
+    return process, line.decode().strip()
 
 
 def _read_line(stream, timeout):

@@ -175,6 +175,9 @@ class WorkerNode:
         elif command == P.WELCOME:
             info = P.decode(body[0])
             self.welcomed = True
+            if isinstance(info.get("heartbeat"), (int, float)) and info["heartbeat"] > 0:
+                self.timeout *= info["heartbeat"] / self.heartbeat  # the broker sets the pace
+                self.heartbeat = info["heartbeat"]
             self.backoff = self.heartbeat
             drop = set(info.get("drop", []))
             if drop:

@@ -1,0 +1,142 @@
+"""Real processes for every test: brokers and worker nodes are started, killed and reaped here.
+
+Nothing is mocked. Processes are addressed by pid (never by name) and every one started here is
+killed at teardown, whatever the test did.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+import embedq
+from embedq.embedded import start_broker_process
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+#: Fast liveness for tests: eviction after 0.2 * 3 = 0.6 s of silence.
+TEST_HEARTBEAT = 0.2
+
+
+def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
+    """Poll ``predicate`` until true or fail after ``timeout`` seconds (no bare sleeps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def _environment():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS_DIR, env.get("PYTHONPATH")]))
+    return env
+
+
+class BrokerProcess:
+    def __init__(self, data_dir, durability="process", bind="tcp://127.0.0.1:0", heartbeat=TEST_HEARTBEAT):
+        self.data_dir = data_dir
+        self.durability = durability
+        self.heartbeat = heartbeat
+        self.bind = bind
+        self.process = None
+        self.url = None
+
+    def start(self):
+        bind = self.url or self.bind  # a restart reuses the same port
+        self.process, self.url = start_broker_process(
+            bind, self.data_dir, durability=self.durability, env=_environment(),
+            extra_args=["--heartbeat", str(self.heartbeat), "--loglevel", "WARNING"])
+        return self
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def kill(self, sig=signal.SIGKILL):
+        self.process.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self.process.wait(10)
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+class WorkerProcess:
+    def __init__(self, broker_url, concurrency=2, name="w", queues=None):
+        command = [sys.executable, "-m", "embedq.worker", "-A", "testapp", "--broker", broker_url,
+                   "-c", str(concurrency), "-n", name, "--loglevel", "WARNING"]
+        if queues:
+            command += ["-Q", ",".join(queues)]
+        self.process = subprocess.Popen(command, env=_environment(), stdin=subprocess.DEVNULL)
+        self.pid = self.process.pid
+
+    def children(self):
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self, sig=signal.SIGKILL):
+        os.kill(self.pid, sig)
+        if sig == signal.SIGKILL:
+            self.process.wait(10)
+
+    def stop(self):
+        children = self.children()
+        if self.process.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            self.process.kill()
+            self.process.wait(10)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+@pytest.fixture
+def broker(tmp_path):
+    handle = BrokerProcess(str(tmp_path / "data")).start()
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def start_worker(broker):
+    started = []
+
+    def start(concurrency=2, name=None, queues=None):
+        worker = WorkerProcess(broker.url, concurrency, name or f"w{len(started)}", queues)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def app(broker):
+    """The test app, pointed at this test's broker; its client is closed afterwards."""
+    import testapp
+
+    testapp.app.conf.broker_url = broker.url
+    testapp.app.conf.broker_resend_interval = 0.3
+    yield testapp.app
+    testapp.app.close()
+    testapp.app.conf.broker_url = None
+
+
+sys.path.insert(0, TESTS_DIR)

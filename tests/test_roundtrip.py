@@ -1,0 +1,128 @@
+"""The durable round trip through a real broker process and real worker nodes."""
+
+import pytest
+
+import embedq
+from embedq import states
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_delay_get_state(app, start_worker):
+    import testapp
+
+    start_worker()
+    result = testapp.add.delay(4, 5)
+    assert result.get(timeout=20) == 9
+    assert result.state == states.SUCCESS
+    assert result.ready() and result.successful() and not result.failed()
+    assert result.result == 9
+
+
+def test_failure_carries_type_and_remote_traceback(app, start_worker):
+    import testapp
+
+    start_worker()
+    result = testapp.fail.delay("kaput")
+    with pytest.raises(ValueError, match="kaput") as caught:
+        result.get(timeout=20)
+    assert "raise ValueError(message)" in caught.value.remote_traceback
+    assert result.state == states.FAILURE and result.failed()
+    assert "ValueError: kaput" in result.traceback
+    assert isinstance(result.get(propagate=False), ValueError)
+
+
+def test_unrebuildable_exception_becomes_remote_task_error(app, start_worker):
+    import testapp
+
+    start_worker()
+    with pytest.raises(embedq.RemoteTaskError) as caught:
+        testapp.fail_unpicklable.delay().get(timeout=20)
+    assert caught.value.exc_type.endswith("Unpicklable")
+    assert "1-2" in str(caught.value)
+
+
+def test_bound_task_sees_its_request_and_name_override(app, start_worker):
+    import testapp
+
+    start_worker()
+    result = testapp.whoami.apply_async(task_id="my-id-1")
+    assert result.id == "my-id-1"
+    assert result.get(timeout=20) == {"id": "my-id-1", "task": "testapp.whoami", "retries": 0}
+    assert testapp.renamed.name == "custom.name"
+    assert app.send_task("custom.name").get(timeout=20) == "renamed"
+
+
+def test_unknown_id_is_reported_not_pending(app):
+    result = embedq.AsyncResult("never-submitted", app=app)
+    assert result.state == states.UNKNOWN
+    with pytest.raises(embedq.UnknownTaskError):
+        result.get(timeout=5)
+
+
+def test_queued_task_is_pending_until_a_worker_comes(app, start_worker):
+    import testapp
+
+    result = testapp.add.delay(1, 1)
+    assert result.state == states.PENDING
+    with pytest.raises(embedq.TimeoutError):
+        result.get(timeout=0.3)
+    start_worker()
+    assert result.get(timeout=20) == 2
+
+
+def test_same_task_id_runs_once(app, start_worker, tmp_path):
+    import testapp
+
+    start_worker()
+    first = testapp.record.apply_async((str(tmp_path), "x"), task_id="dedupe-me")
+    second = testapp.record.apply_async((str(tmp_path), "y"), task_id="dedupe-me")
+    assert first.get(timeout=20) == second.get(timeout=20)
+    assert len(list(tmp_path.glob("*.*.*"))) == 1
+
+
+def test_forget_makes_the_id_unknown(app, start_worker):
+    import testapp
+
+    start_worker()
+    result = testapp.add.delay(2, 2)
+    assert result.get(timeout=20) == 4
+    result.forget()
+    assert embedq.AsyncResult(result.id, app=app).state == states.UNKNOWN
+
+
+def test_result_readable_from_another_handle_and_thread(app, start_worker):
+    import threading
+
+    import testapp
+
+    start_worker()
+    task_id = testapp.add.delay(20, 22).id
+    found = []
+    thread = threading.Thread(target=lambda: found.append(embedq.AsyncResult(task_id, app=app).get(timeout=20)))
+    thread.start()
+    thread.join(30)
+    assert found == [42]
+
+
+def test_load_is_shared_between_worker_nodes(app, start_worker, tmp_path):
+    import testapp
+
+    first, second = start_worker(concurrency=1), start_worker(concurrency=1)
+    gate = tmp_path / "go"
+    running = [testapp.wait_for_file.delay(str(gate)) for _ in range(4)]
+    gate.write_text("")
+    pids = {r.get(timeout=30) for r in running}
+    node_children = {c.pid for w in (first, second) for c in w.children()}
+    assert pids <= node_children and len(pids) == 2
+
+
+def test_no_broker_configured_names_the_fix():
+    app = embedq.App("nobroker")
+
+    @app.task
+    def f():
+        return 1
+
+    with pytest.raises(embedq.ConfigurationError, match="embedq.start"):
+        f.delay()

@@ -1,0 +1,70 @@
+"""Tasks the test suite's worker processes run (imported by ``python -m embedq.worker -A testapp``)."""
+
+import os
+import time
+
+import embedq
+
+app = embedq.App("testapp")
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def noop():
+    return None
+
+
+@app.task
+def fail(message="boom"):
+    raise ValueError(message)
+
+
+@app.task
+def pid():
+    return os.getpid()
+
+
+@app.task(bind=True)
+def whoami(self):
+    return {"id": self.request.id, "task": self.request.task, "retries": self.request.retries}
+
+
+@app.task(name="custom.name")
+def renamed():
+    return "renamed"
+
+
+@app.task
+def record(marker_dir, value=None, delay=0.0):
+    """Leave one file per execution (so a test can count runs), optionally after ``delay``."""
+    if delay:
+        time.sleep(delay)
+    path = os.path.join(marker_dir, f"{value}.{os.getpid()}.{time.monotonic_ns()}")
+    with open(path, "w") as handle:
+        handle.write(str(os.getpid()))
+    return value, os.getpid()
+
+
+@app.task
+def wait_for_file(path, timeout=30.0):
+    """Block until ``path`` exists: lets a test hold a task 'running' as long as it needs."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+    return os.getpid()
+
+
+class Unpicklable(Exception):
+    def __init__(self, a, b):  # pickle rebuilds with one arg: this cannot be unpickled
+        super().__init__(f"{a}-{b}")
+
+
+@app.task
+def fail_unpicklable():
+    raise Unpicklable(1, 2)
