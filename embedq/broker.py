@@ -31,10 +31,10 @@ from . import protocol as P
 from . import states
 from .errors import ProtocolError
 from .peers import WorkerTable
-from .store import Store, split_record
+from .store import Store
+from .transport import NOBLOCK, send_frames
 
 log = logging.getLogger(__name__)
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost microseconds per call
 
 #: Most messages handled in one loop iteration (one transaction).
 MAX_BATCH = 2000
@@ -85,6 +85,8 @@ class Broker:
         self.next_space_check = 0.0
         self.refuse_submits = False
         self.next_due = None
+        self._client_handlers = {P.SUBMIT: self._on_submit, P.WAIT: self._on_wait,
+                                 P.STATUS: self._on_status, P.FORGET: self._on_forget}
         self.context = context or zmq.Context()
         self.socket = self._bind(bind, max_message_size)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -123,7 +125,7 @@ class Broker:
             recv = self.socket.recv_multipart
             while len(messages) < MAX_BATCH:
                 try:
-                    messages.append(recv(_NOBLOCK))
+                    messages.append(recv(NOBLOCK))
                 except zmq.Again:
                     break
         self._iterate(messages)
@@ -188,12 +190,12 @@ class Broker:
     def _flush(self, it):
         # batched messages (TASK deliveries, RESULT pushes) first: they are on someone's critical path
         outgoing = [(identity, P.message(command, *body)) for (identity, command), body in it.batched.items()]
-        send = self.socket.send_multipart
+        sock = self.socket
         mono = self.monotonic()
         for identity, frames in outgoing + it.sends:
             node = self.workers.get(identity)
             try:
-                send([identity, *frames], _NOBLOCK)
+                send_frames(sock, [identity, *frames])
             except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or not keeping up
                 if node is not None:
                     log.warning("cannot reach worker node %s (%s): evicting", node.node_id, exc)
@@ -209,7 +211,7 @@ class Broker:
 
     def _send_now(self, identity, command, *body):
         try:
-            self.socket.send_multipart([identity, *P.message(command, *body)], _NOBLOCK)
+            send_frames(self.socket, [identity, *P.message(command, *body)])
         except zmq.ZMQError:
             pass
 
@@ -221,9 +223,9 @@ class Broker:
             node = self.workers.get(identity)
             if node is not None:
                 node.last_seen = mono
-            if command in P.CLIENT_COMMANDS:
-                handler = getattr(self, "_on_" + command.decode().lower())
-                handler(batch, it, identity, body, now, refuse_submits)
+            client_handler = self._client_handlers.get(command)
+            if client_handler is not None:
+                client_handler(batch, it, identity, body, now, refuse_submits)
             elif command == P.READY:
                 self._on_ready(batch, it, identity, body, mono)
             elif node is None:
@@ -266,7 +268,10 @@ class Broker:
             if reply["dup"]:  # a resent or re-submitted id: its waiter may be owed a result now
                 for task_id in reply["dup"]:
                     self._reply_if_settled(batch, it, identity, task_id)
-        it.send(identity, P.ACK, P.encode(reply))
+        if reply["dup"] or "error" in reply or not isinstance(reply["req"], int):
+            it.send(identity, P.ACK, P.encode(reply))
+        else:  # the common answer, without the JSON encoder
+            it.send(identity, P.ACK, b'{"req":%d,"ok":%d,"dup":[]}' % (reply["req"], reply["ok"]))
 
     def _on_wait(self, batch, it, identity, body, now, refuse_submits):
         for task_id in P.check_ids(P.decode(body[0]) if body else {}):
@@ -388,6 +393,8 @@ class Broker:
         """Give ready tasks to nodes with credit: best task first, shared fairly between nodes."""
         counts = self.store.ready_counts
         delta = batch.ready_delta
+        if not delta and not any(counts.values()):
+            return
 
         def ready(queue):
             return counts[queue] + delta[queue] > 0

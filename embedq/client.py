@@ -17,20 +17,22 @@ import threading
 import time
 import uuid
 
-import zmq
+import zmq  # noqa: F401  (Context.instance)
 
 from . import protocol as P
 from . import states
 from .errors import BrokerUnavailable, StorageFull, TimeoutError, UnknownTaskError
+from .transport import NOBLOCK, dealer, send_frames
 
 log = logging.getLogger(__name__)
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost microseconds per call
 
 #: Results pushed to this process and not yet claimed by a ``get()``; oldest dropped first
 #: (a dropped one is fetched again from the broker's store when asked for).
 RESULT_CACHE_SIZE = 100_000
 #: Milliseconds a closing client socket may linger to deliver what it sent.
 LINGER_MS = 1000
+#: Messages a client socket queues while the broker is away (resends cover what is dropped).
+HIGH_WATER_MARK = 100_000
 
 
 class ResultCache:
@@ -57,23 +59,15 @@ class Connection:
 
     def __init__(self, client, identity=None):
         self.client = client
-        sock = client.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, LINGER_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
         self.identity = identity or b"c:" + uuid.uuid4().hex.encode()
-        sock.setsockopt(zmq.IDENTITY, self.identity)
-        sock.connect(client.url)
-        self.socket = sock
+        self.socket = dealer(client.context, client.url, self.identity, LINGER_MS, HIGH_WATER_MARK)
         self.replies = {}
 
     def close(self):
         self.socket.close(linger=LINGER_MS)
 
     def send(self, frames):
-        self.socket.send_multipart(frames)
+        send_frames(self.socket, frames, 0)
 
     def pump(self, timeout):
         """Wait up to ``timeout`` seconds for messages and file them. True if any came."""
@@ -81,7 +75,7 @@ class Connection:
             return False
         while True:
             try:
-                frames = self.socket.recv_multipart(_NOBLOCK)
+                frames = self.socket.recv_multipart(NOBLOCK)
             except zmq.Again:
                 return True
             try:

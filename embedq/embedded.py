@@ -40,10 +40,10 @@ from .app import default_app
 from .client import Connection
 from .config import default_concurrency, default_data_dir
 from .pool import CALL_TASK
+from .transport import NOBLOCK
 from .worker import run as run_worker
 
 log = logging.getLogger(__name__)
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost microseconds per call
 
 #: Seconds to wait for the broker child to report its address before giving up.
 BROKER_START_TIMEOUT = 30.0
@@ -243,7 +243,7 @@ class Cluster(concurrent.futures.Executor):
     def _drain(self, conn):
         while True:
             try:
-                frames = conn.socket.recv_multipart(_NOBLOCK)
+                frames = conn.socket.recv_multipart(NOBLOCK)
             except zmq.Again:
                 return
             try:

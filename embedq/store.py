@@ -146,16 +146,25 @@ class Batch:
         self.txn = store.env.begin(write=True)
         self.seq = store.seq
         self.ready_delta = Counter()
+        #: whether anything was written; an idle iteration then costs no commit (and no fsync)
+        self.dirty = False
 
     def next_seq(self):
         self.seq += 1
+        self.dirty = True
         return self.seq
 
     def commit(self):
-        self.txn.put(b"seq", _U64.pack(self.seq), db=self.db["meta"])
+        if not self.dirty:
+            self.txn.abort()
+            return
+        if self.seq != self.store.seq:
+            self.txn.put(b"seq", _U64.pack(self.seq), db=self.db["meta"])
         self.txn.commit()
         self.store.seq = self.seq
-        self.store.ready_counts.update(self.ready_delta)
+        counts = self.store.ready_counts
+        for queue, change in self.ready_delta.items():
+            counts[queue] += change
 
     def abort(self):
         self.txn.abort()
@@ -201,6 +210,7 @@ class Batch:
             key = cursor.key()
             if not key.startswith(prefix):
                 break
+            self.dirty = True
             task_id = cursor.value()
             record = self.task(task_id.decode())
             cursor.delete()
@@ -222,6 +232,7 @@ class Batch:
     def requeue(self, task_id):
         """Put a leased task back at its original place in its queue (it goes first again)."""
         record = self.task(task_id)
+        self.dirty = True
         self.txn.delete(task_id.encode(), db=self.db["leases"])
         if record is None:
             return False
@@ -239,6 +250,7 @@ class Batch:
             due_us, seq = _DUE.unpack(cursor.key())
             if due_us > bound:
                 return due_us / 1e6
+            self.dirty = True
             task_id = cursor.value()
             cursor.delete()
             record = self.task(task_id.decode())
@@ -263,6 +275,7 @@ class Batch:
     # -- results ---------------------------------------------------------------------------
     def settle(self, task_id, raw_header, payload, expires_at):
         """Store a final result and drop the task and its lease, in this transaction."""
+        self.dirty = True
         key = task_id.encode()
         self.txn.delete(key, db=self.db["tasks"])
         self.txn.delete(key, db=self.db["leases"])
@@ -276,6 +289,7 @@ class Batch:
 
     def forget(self, task_id):
         """Drop a stored result (its expiry entry is cleaned when it comes due)."""
+        self.dirty = True
         return self.txn.delete(task_id.encode(), db=self.db["results"])
 
     def expire_results(self, now, limit=1000):
@@ -288,6 +302,7 @@ class Batch:
             key = cursor.key()
             if not key or key[:8] > bound:
                 break
+            self.dirty = True
             self.txn.delete(key[8:], db=self.db["results"])
             cursor.delete()
             removed += 1

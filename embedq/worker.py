@@ -25,9 +25,9 @@ import zmq
 
 from . import protocol as P
 from .pool import PoolProcess, lost_result
+from .transport import NOBLOCK, dealer, send_frames
 
 log = logging.getLogger(__name__)
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost microseconds per call
 
 #: Longest wait between reconnect attempts while the broker is unreachable (seconds).
 MAX_RECONNECT_BACKOFF = 4.0
@@ -96,13 +96,8 @@ class WorkerNode:
         """A new socket each time (a new routing id), as the Paranoid Pirate worker does."""
         if self.socket is not None:
             self.socket.close(linger=0)
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, LINGER_MS)
-        sock.setsockopt(zmq.IDENTITY, f"w:{self.node_id}:{uuid.uuid4().hex[:6]}".encode())
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        sock.connect(self.broker_url)
-        self.socket = sock
+        identity = f"w:{self.node_id}:{uuid.uuid4().hex[:6]}".encode()
+        self.socket = dealer(self.context, self.broker_url, identity, LINGER_MS)
         self._poller = None
         self.welcomed = False
         now = self.monotonic()
@@ -152,7 +147,7 @@ class WorkerNode:
     def _drain_socket(self, now):
         while True:
             try:
-                frames = self.socket.recv_multipart(_NOBLOCK)
+                frames = self.socket.recv_multipart(NOBLOCK)
             except zmq.Again:
                 return
             self.broker_deadline = now + self.timeout
@@ -243,7 +238,7 @@ class WorkerNode:
 
     def _send(self, command, *body):
         try:
-            self.socket.send_multipart(P.message(command, *body), _NOBLOCK)
+            send_frames(self.socket, P.message(command, *body))
             self.last_sent = self.monotonic()
         except zmq.ZMQError as exc:
             log.debug("send to broker failed: %s", exc)

@@ -140,3 +140,29 @@ def app(broker):
 
 
 sys.path.insert(0, TESTS_DIR)
+
+
+def process_gone(process):
+    """True once a ``psutil.Process`` has exited. A zombie counts as gone: it runs nothing, and an
+    orphan's zombie may never be reaped (PID 1 of a container or VM need not reap orphans)."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def pool_children(pid):
+    """The pool processes of the worker node ``pid`` (its ``multiprocessing`` spawn children, not
+    the resource tracker that ``multiprocessing`` also starts)."""
+    found = []
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return found
+    for child in children:
+        try:
+            if "--multiprocessing-fork" in child.cmdline() and not process_gone(child):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found

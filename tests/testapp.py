@@ -68,3 +68,36 @@ class Unpicklable(Exception):
 @app.task
 def fail_unpicklable():
     raise Unpicklable(1, 2)
+
+
+def _mark(marker_dir, stage, value):
+    """Atomically leave ``<stage>.<value>.<pid>.<ns>`` holding the wall-clock time, for the tests."""
+    name = f"{stage}.{value}.{os.getpid()}.{time.monotonic_ns()}"
+    temporary = os.path.join(marker_dir, f".{name}.tmp")
+    with open(temporary, "w") as handle:
+        handle.write(repr(time.time()))
+    os.replace(temporary, os.path.join(marker_dir, name))
+
+
+@app.task
+def hold(marker_dir, value, gate, timeout=30.0):
+    """Like ``wait_for_file``, but observable: a ``start`` marker when a pool child begins running
+    it, a ``done`` marker when the gate has opened and it finishes. Returns ``(value, pid)``, so a
+    test can tell which pool child's run produced the stored result (``value`` has no dots)."""
+    _mark(marker_dir, "start", value)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(gate)
+        time.sleep(0.01)
+    _mark(marker_dir, "done", value)
+    return value, os.getpid()
+
+
+@app.task
+def crash(marker_dir):
+    """Kill the pool process running it (a poison pill), after leaving a marker per attempt."""
+    import signal
+
+    _mark(marker_dir, "crash", "x")
+    os.kill(os.getpid(), signal.SIGKILL)

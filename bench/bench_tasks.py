@@ -1,0 +1,21 @@
+"""What the benchmarked pools run: a no-op embedq task and a no-op plain function.
+
+This lives in an importable module (not in a test file) because every system under test runs
+the work in other processes: embedq's worker node is started with ``multiprocessing`` 'spawn'
+and finds this App by importing ``bench_tasks``; the baselines' children unpickle ``noop_fn`` by
+reference. ``bench/conftest.py`` puts this directory on ``PYTHONPATH`` so any child can import it.
+"""
+
+import embedq
+
+app = embedq.App("bench")
+
+
+@app.task
+def noop():
+    return None
+
+
+def noop_fn(*args):
+    """Plain no-op for ``ProcessPoolExecutor``, ``multiprocessing.Pool`` and ``Cluster.map``."""
+    return None

@@ -1,0 +1,85 @@
+"""Measuring helpers and sizes shared by the benchmark modules (see conftest.py for the knobs)."""
+
+import os
+import time
+
+N_TASKS = int(os.environ.get("BENCH_TASKS", 20_000))
+N_TRIPS = int(os.environ.get("BENCH_TRIPS", 2_000))
+N_THREADS = int(os.environ.get("BENCH_THREADS", 16))
+MAX_ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
+CASE_SECONDS = float(os.environ.get("BENCH_CASE_SECONDS", 25))
+WORKERS = 2
+#: Round trips and batch size run by each fixture before its first measurement.
+WARMUP_TRIPS = 300
+WARMUP_BATCH = 2_000
+
+PPE = "ProcessPoolExecutor(2)"
+POOL = "multiprocessing.Pool(2)"
+EMBEDQ = "embedq"
+
+
+def percentile(sorted_values, fraction):
+    """Nearest-rank percentile of an already sorted list."""
+    index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def measure_latency(benchmark, one_trip, *, system, durability="-", label=None, trips=None):
+    """Time ``trips`` sequential round trips with perf_counter; p50/p99 go to extra_info (µs).
+
+    pytest-benchmark runs one round per trip, so its own median matches p50 here; the
+    percentiles are computed from our own timings because it does not report p99.
+    """
+    trips = trips or N_TRIPS
+    times = []
+    perf = time.perf_counter
+
+    def timed():
+        t0 = perf()
+        one_trip()
+        times.append(perf() - t0)
+
+    benchmark.pedantic(timed, rounds=trips, iterations=1, warmup_rounds=min(100, trips))
+    times = sorted(times[-trips:])  # drop the warm-up rounds
+    benchmark.extra_info.update({
+        "kind": "latency", "system": system, "durability": durability, "label": label or system,
+        "trips": trips,
+        "p50_us": round(percentile(times, 0.50) * 1e6, 1),
+        "p99_us": round(percentile(times, 0.99) * 1e6, 1),
+        "mean_us": round(sum(times) / len(times) * 1e6, 1),
+        "max_us": round(times[-1] * 1e6, 1),
+    })
+    return times
+
+
+def measure_throughput(benchmark, run, *, system, label, durability="-", tasks=None):
+    """Time ``run(tasks)`` (submit ``tasks`` no-ops and wait for all of them) end to end.
+
+    A pilot run (1/20 of the size) warms up this exact path and estimates the case's duration;
+    then up to MAX_ROUNDS full rounds run, fewer when a round would take the case past
+    CASE_SECONDS (always at least one). tasks/s is reported for the median round and the best.
+    """
+    tasks = tasks or N_TASKS
+    pilot_tasks = max(1, tasks // 20)
+    t0 = time.perf_counter()
+    run(pilot_tasks)
+    pilot = (time.perf_counter() - t0) * tasks / pilot_tasks
+    rounds = max(1, min(MAX_ROUNDS, int(CASE_SECONDS // max(pilot, 1e-3))))
+    elapsed = []
+
+    def timed():
+        t0 = time.perf_counter()
+        done = run(tasks)
+        elapsed.append(time.perf_counter() - t0)
+        assert done == tasks, f"{label}: {done} of {tasks} tasks completed"
+
+    benchmark.pedantic(timed, rounds=rounds, iterations=1)
+    ordered = sorted(elapsed)
+    median = ordered[len(ordered) // 2]
+    benchmark.extra_info.update({
+        "kind": "throughput", "system": system, "durability": durability, "label": label,
+        "tasks": tasks, "rounds": rounds,
+        "tasks_per_s": round(tasks / median),
+        "best_tasks_per_s": round(tasks / ordered[0]),
+        "round_seconds": [round(s, 3) for s in elapsed],
+    })

@@ -1,0 +1,96 @@
+"""Print the benchmark figures as markdown tables, with ratios against ProcessPoolExecutor(2).
+
+    python bench/report.py bench/results.json
+
+Reads the JSON written by ``pytest --benchmark-json``; the figures come from each benchmark's
+``extra_info`` (filled by ``bench/harness.py``). The two targets are checked at the end:
+embedq's p50 latency in ``process`` durability at most 2x ProcessPoolExecutor's, and embedq's
+``delay()`` throughput in ``fsync`` durability at least ProcessPoolExecutor's.
+"""
+
+import json
+import sys
+
+PPE = "ProcessPoolExecutor(2)"
+#: Latency target: embedq p50 / PPE p50 (process durability).
+LATENCY_TARGET = 2.0
+#: Throughput target: embedq delay() tasks/s / PPE tasks/s (fsync durability).
+THROUGHPUT_TARGET = 1.0
+
+
+def load(path):
+    with open(path) as handle:
+        data = json.load(handle)
+    rows = [b["extra_info"] | {"test": b["name"]} for b in data["benchmarks"] if b.get("extra_info")]
+    return data, rows
+
+
+def _fmt(value, digits=0):
+    return f"{value:,.{digits}f}"
+
+
+def latency_table(rows):
+    rows = [r for r in rows if r["kind"] == "latency"]
+    base = next((r for r in rows if r["system"] == PPE), None)
+    lines = ["| Round trip of one no-op task | p50 (µs) | p99 (µs) | mean (µs) | p50 vs PPE | p99 vs PPE |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio50 = f"{r['p50_us'] / base['p50_us']:.2f}x" if base else "-"
+        ratio99 = f"{r['p99_us'] / base['p99_us']:.2f}x" if base else "-"
+        lines.append(f"| {r['label']} | {_fmt(r['p50_us'])} | {_fmt(r['p99_us'])} | "
+                     f"{_fmt(r['mean_us'])} | {ratio50} | {ratio99} |")
+    return lines, rows, base
+
+
+def throughput_table(rows):
+    rows = [r for r in rows if r["kind"] == "throughput"]
+    base = next((r for r in rows if r["system"] == PPE), None)
+    lines = ["| Throughput, no-op tasks | tasks | rounds | tasks/s (median) | tasks/s (best) | vs PPE (median) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['tasks_per_s'] / base['tasks_per_s']:.2f}x" if base else "-"
+        lines.append(f"| {r['label']} | {_fmt(r['tasks'])} | {r['rounds']} | {_fmt(r['tasks_per_s'])} | "
+                     f"{_fmt(r['best_tasks_per_s'])} | {ratio} |")
+    return lines, rows, base
+
+
+def targets(latency, lat_base, throughput, tp_base):
+    lines = []
+    for r in latency:
+        if r["system"] == "embedq" and lat_base and "delay()" in r["label"]:
+            ratio = r["p50_us"] / lat_base["p50_us"]
+            goal = (f"target <= {LATENCY_TARGET:.0f}x: {'met' if ratio <= LATENCY_TARGET else 'NOT met'}"
+                    if r["durability"] == "process" else "reported beside it")
+            lines.append(f"- p50 latency, embedq `delay().get()` [{r['durability']}] / PPE = "
+                         f"**{ratio:.2f}x** ({goal})")
+    for r in throughput:
+        if r["system"] == "embedq" and tp_base and "delay()" in r["label"] and r["durability"] == "fsync":
+            ratio = r["tasks_per_s"] / tp_base["tasks_per_s"]
+            goal = "met" if ratio >= THROUGHPUT_TARGET else "NOT met"
+            lines.append(f"- throughput, {r['label']} / PPE = **{ratio:.2f}x** "
+                         f"(target >= {THROUGHPUT_TARGET:.0f}x: {goal})")
+    return lines
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    data, rows = load(argv[0])
+    machine = data.get("machine_info", {})
+    commit = data.get("commit_info", {})
+    lat_lines, latency, lat_base = latency_table(rows)
+    tp_lines, throughput, tp_base = throughput_table(rows)
+    out = [f"Run {data.get('datetime', '?')}, Python {machine.get('python_version', '?')}, "
+           f"{machine.get('cpu', {}).get('count', '?')} CPUs "
+           f"({machine.get('cpu', {}).get('brand_raw', '?')}), commit {str(commit.get('id', '?'))[:10]}"
+           f"{' (dirty)' if commit.get('dirty') else ''}.", "", *lat_lines, "", *tp_lines, "",
+           "Targets (ratios against ProcessPoolExecutor(2) in this run):", "",
+           *targets(latency, lat_base, throughput, tp_base)]
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

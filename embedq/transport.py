@@ -1,0 +1,39 @@
+"""Socket plumbing shared by broker, worker node and clients: options and fast sends.
+
+pyzmq's ``send_multipart`` combines flag enums for every frame (~12 µs for a 4-frame message on
+a 2-core VM); calling the backend ``send`` with plain integer flags costs ~4 µs. On the broker's
+hot path that difference is a large share of the per-task cost.
+"""
+
+import zmq
+from zmq.backend import Socket as _BackendSocket
+
+NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_send = _BackendSocket.send
+
+#: Default reconnect interval and its cap (ms): quick to find a restarted broker, gentle after.
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 1000
+
+
+def send_frames(sock, frames, flags=NOBLOCK):
+    """Send a multipart message (a list of bytes). Raises zmq.ZMQError like send_multipart."""
+    more = flags | _SNDMORE
+    last = len(frames) - 1
+    for index, frame in enumerate(frames):
+        _send(sock, frame, more if index < last else flags)
+
+
+def dealer(context, endpoint, identity, linger_ms, high_water_mark=None):
+    """A DEALER that connects to the broker, with a bounded linger (never hang at exit)."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    if high_water_mark is not None:
+        sock.setsockopt(zmq.SNDHWM, high_water_mark)
+        sock.setsockopt(zmq.RCVHWM, high_water_mark)
+    sock.connect(endpoint)
+    return sock
