@@ -87,6 +87,7 @@ class Cluster(concurrent.futures.Executor):
         self.endpoint = None
         self._previous_url = None
         self._futures = {}
+        self._submitting = set()   # ids sent but not yet acknowledged: not UNKNOWN, just early
         self._futures_lock = threading.Lock()
         self._listener = None
         self._listener_identity = b"x:" + uuid.uuid4().hex.encode()
@@ -197,7 +198,7 @@ class Cluster(concurrent.futures.Executor):
             raise RuntimeError("cannot submit after shutdown")
         self._ensure_listener()
         queue = self.app.conf.task_default_queue if not self.queues else self.queues[0]
-        messages, futures = [], []
+        messages, futures, ids = [], [], []
         for fn, args, kwargs in calls:
             payload, codec = serialize.dumps_by_value(((fn, *args), kwargs))
             task_id = str(uuid.uuid4())
@@ -208,9 +209,15 @@ class Cluster(concurrent.futures.Executor):
             future = concurrent.futures.Future()
             future.set_running_or_notify_cancel()
             futures.append(future)
+            ids.append(task_id)
+        with self._futures_lock:  # registered before the submit: a fast result must find it
+            self._futures.update(zip(ids, futures))
+            self._submitting.update(ids)
+        try:
+            self.app.client.submit(messages)
+        finally:
             with self._futures_lock:
-                self._futures[task_id] = future
-        self.app.client.submit(messages)
+                self._submitting.difference_update(ids)
         return futures
 
     def _ensure_listener(self):
@@ -233,7 +240,7 @@ class Cluster(concurrent.futures.Executor):
                     self._drain(conn)
                 elif time.monotonic() - last_message >= resend:
                     with self._futures_lock:  # silence: re-ask for everything still pending
-                        ids = list(self._futures)
+                        ids = [i for i in self._futures if i not in self._submitting]
                     if ids:
                         conn.send(P.message(P.WAIT, P.encode({"ids": ids})))
                     last_message = time.monotonic()
