@@ -30,9 +30,9 @@ import zmq
 from . import protocol as P
 from . import states
 from .errors import ProtocolError
-from .peers import WorkerTable
+from .leasing import Leasing
 from .store import Store
-from .transport import NOBLOCK, send_frames
+from .transport import receive_ready, send_frames, wait_readable
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,9 @@ class Broker:
         self.clock, self.monotonic = clock, monotonic
         self.store = Store(data_dir, durability=durability, max_size=max_store_size)
         self.result_expires = result_expires
-        self.heartbeat = heartbeat
-        self.workers = WorkerTable(heartbeat, liveness)
         self.instance = uuid.uuid4().hex[:12]
         self.waiters = defaultdict(set)                  # task id -> client identities
-        # Leases found in the store at startup belong to nodes that must re-register (and say
-        # what they still hold) within one liveness timeout, or the tasks are redelivered.
-        self.orphans = {lease.task_id: lease for lease in self.store.leases()}
-        self.orphan_deadline = monotonic() + self.workers.timeout + heartbeat
+        self.leasing = Leasing(self.store, heartbeat, liveness, monotonic, self._settled, self.instance)
         self.next_cleanup = 0.0
         self.next_space_check = 0.0
         self.refuse_submits = False
@@ -92,7 +87,7 @@ class Broker:
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("broker %s on %s, data dir %s (%s), %d queued, %d leased",
                  self.instance, self.endpoint, data_dir, durability,
-                 sum(self.store.ready_counts.values()), len(self.orphans))
+                 sum(self.store.ready_counts.values()), len(self.leasing.orphans))
         with self.store.env.begin() as txn:  # find the first scheduled task, if any
             cursor = txn.cursor(db=self.store.db["scheduled"])
             self.next_due = 0.0 if cursor.first() else None
@@ -120,21 +115,12 @@ class Broker:
     def poll_once(self, max_wait=0.25):
         """Wait for messages (or the next timer), handle them all in one transaction, reply."""
         wait = min(max_wait, self._next_timer())
-        messages = []
-        if self.socket.poll(int(wait * 1000)):
-            recv = self.socket.recv_multipart
-            while len(messages) < MAX_BATCH:
-                try:
-                    messages.append(recv(NOBLOCK))
-                except zmq.Again:
-                    break
+        messages = receive_ready(self.socket, MAX_BATCH) if wait_readable(self.socket, wait) else []
         self._iterate(messages)
 
     def _next_timer(self):
         mono = self.monotonic()
-        timers = [self.workers.next_deadline(mono), self.next_cleanup - mono]
-        if self.orphans:
-            timers.append(self.orphan_deadline - mono)
+        timers = [self.leasing.next_deadline(mono), self.next_cleanup - mono]
         if self.next_due is not None:
             timers.append(self.next_due - self.clock())
         return max(0.0, min(timers))
@@ -170,19 +156,10 @@ class Broker:
         now, mono = self.clock(), self.monotonic()
         for frames in messages:
             self._handle(batch, it, frames, now, mono, refuse_submits)
-        for node in self.workers.expired(mono):
-            log.warning("worker node %s silent for %.1fs: evicted, %d task(s) redelivered",
-                        node.node_id, mono - node.last_seen, len(node.leases))
-            self._release(batch, it, node, node.leases.items())
-            it.after_commit.append(lambda node=node: self.workers.remove(node))
-        if self.orphans and mono >= self.orphan_deadline:
-            for lease in self.orphans.values():
-                self._requeue(batch, lease.task_id, lease.token)
-            log.info("%d lease(s) of nodes that did not come back were requeued", len(self.orphans))
-            self.orphans = {}
+        self.leasing.evict_silent(batch, it, mono)
         if self.next_due is not None and self.next_due <= now:
             self.next_due = batch.promote_due(now)
-        self._dispatch(batch, it, now)
+        self.leasing.dispatch(batch, it, now)
         if mono >= self.next_cleanup:
             self.next_cleanup = mono + CLEANUP_INTERVAL
             batch.expire_results(now)
@@ -193,19 +170,17 @@ class Broker:
         sock = self.socket
         mono = self.monotonic()
         for identity, frames in outgoing + it.sends:
-            node = self.workers.get(identity)
             try:
                 send_frames(sock, [identity, *frames])
             except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or not keeping up
-                if node is not None:
-                    log.warning("cannot reach worker node %s (%s): evicting", node.node_id, exc)
-                    node.last_seen = float("-inf")  # evicted, leases requeued, next iteration
-                else:
-                    log.debug("dropped reply to a departed client: %s", exc)
-            else:
-                if node is not None:
-                    node.last_sent = mono
-        for node in self.workers.heartbeat_due(mono):
+                if not self.leasing.unreachable(identity):
+                    log.debug("dropped a reply to a departed client: %s", exc)
+        nodes = self.leasing.workers.nodes
+        for identity, _ in outgoing + it.sends:
+            node = nodes.get(identity)
+            if node is not None:
+                node.last_sent = mono
+        for node in self.leasing.heartbeat_due(mono):
             self._send_now(node.identity, P.HEARTBEAT)
             node.last_sent = mono
 
@@ -220,26 +195,10 @@ class Broker:
         identity = frames[0]
         try:
             command, body = P.split(frames[1:])
-            node = self.workers.get(identity)
-            if node is not None:
-                node.last_seen = mono
             client_handler = self._client_handlers.get(command)
             if client_handler is not None:
                 client_handler(batch, it, identity, body, now, refuse_submits)
-            elif command == P.READY:
-                self._on_ready(batch, it, identity, body, mono)
-            elif node is None:
-                if command != P.DISCONNECT:
-                    it.send(identity, P.DISCONNECT, P.encode({"reason": "unknown worker: send READY"}))
-            elif command == P.HEARTBEAT:
-                self._on_heartbeat(batch, it, node, body)
-            elif command == P.RESULT:
-                self._on_result(batch, it, node, body, now)
-            elif command == P.DISCONNECT:
-                log.info("worker node %s left; %d task(s) handed back", node.node_id, len(node.leases))
-                self._release(batch, it, node, node.leases.items())
-                it.after_commit.append(lambda: self.workers.remove(node))
-            else:
+            elif not self.leasing.handle(batch, it, identity, command, body, now, mono):
                 raise ProtocolError(f"unknown command {command[:32]!r}")
         except ProtocolError as exc:
             log.warning("dropped malformed message from %r: %s", identity[:32], exc)
@@ -310,129 +269,12 @@ class Broker:
             batch.forget(task_id)
         it.send(identity, P.ACK, P.encode({"req": control.get("req"), "ok": len(control["ids"])}))
 
-    # -- worker nodes --------------------------------------------------------------------------
-    def _on_ready(self, batch, it, identity, body, mono):
-        info = P.decode(body[0]) if body else {}
-        node_id = P.check_name(info.get("node"), "node id")
-        slots = info.get("slots")
-        capacity = info.get("capacity", slots)
-        queues = info.get("queues")
-        held = info.get("held", [])
-        if not (isinstance(slots, int) and isinstance(capacity, int) and 0 < slots <= capacity
-                and isinstance(queues, list) and isinstance(held, list)):
-            raise ProtocolError("READY needs integer slots <= capacity, a queue list and a held list")
-        for queue in queues:
-            P.check_name(queue, "queue")
-        node, previous = self.workers.register(identity, node_id, slots, capacity, queues, mono, info)
-        # What the node says it holds is adopted; what we thought it held but it does not is
-        # requeued; what it holds but is no longer its own (evicted meanwhile) it must drop.
-        candidates = dict(previous.leases) if previous is not None else {}
-        for lease in [lease for lease in self.orphans.values() if lease.node == node_id]:
-            candidates[lease.token] = lease.task_id
-            del self.orphans[lease.task_id]
-        held_tokens = {int(t) for t in held if isinstance(t, int)}
-        adopted = {t: tid for t, tid in candidates.items() if t in held_tokens}
-        node.leases.update(adopted)
-        self._release(batch, it, node, [(t, tid) for t, tid in candidates.items() if t not in adopted],
-                      forget=False)
-        drop = sorted(held_tokens - set(adopted))
-        log.info("worker node %s ready: %d slots, queues %s, %d lease(s) adopted, %d dropped",
-                 node_id, slots, ",".join(queues), len(adopted), len(drop))
-        it.send(identity, P.WELCOME, P.encode(
-            {"broker": self.instance, "heartbeat": self.heartbeat, "drop": drop}))
-
-    def _on_heartbeat(self, batch, it, node, body):
-        info = P.decode(body[0]) if body else {}
-        held, seen = info.get("held"), info.get("seen")
-        if isinstance(held, list) and isinstance(seen, int):
-            # A delivery the node has seen past but does not hold was lost on the way (a dropped
-            # connection): give it to someone else rather than wait forever.
-            held = set(held)
-            lost = [(t, tid) for t, tid in node.leases.items() if t <= seen and t not in held]
-            if lost:
-                log.warning("worker node %s lost %d delivery(ies) in transit; requeued",
-                            node.node_id, len(lost))
-                self._release(batch, it, node, lost)
-
-    def _on_result(self, batch, it, node, body, now):
-        expires = None if self.result_expires is None else now + self.result_expires
-        settled = []
-        for raw, payload in P.pairs(body):
-            header = P.ResultHeader.parse(raw)
-            settled.append(str(header.token).encode())
-            lease = batch.get_lease(header.id)
-            if lease is None or lease.token != header.token or header.token not in node.leases:
-                log.info("discarded a late result for %s from %s (delivery %d is no longer its lease)",
-                         header.id, node.node_id, header.token)
-                continue
-            it.after_commit.append(lambda t=header.token: node.leases.pop(t, None))
-            if header.state == "LOST":  # the pool child died running it: deliver again
-                batch.requeue(header.id)
-                continue
-            batch.settle(header.id, raw, payload, expires)
-            for client in self.waiters.pop(header.id, ()):
-                it.add(client, P.RESULT, raw, payload)
-        it.add(node.identity, P.SETTLED, *settled)
-
-    def _release(self, batch, it, node, leases, forget=True):
-        """Requeue the given (token, task id) leases; drop them from the node after commit."""
-        leases = list(leases)
-        for token, task_id in leases:
-            self._requeue(batch, task_id, token)
-        if forget and leases:
-            tokens = [token for token, _ in leases]
-            it.after_commit.append(lambda: [node.leases.pop(t, None) for t in tokens])
-
-    def _requeue(self, batch, task_id, token):
-        lease = batch.get_lease(task_id)
-        if lease is not None and lease.token == token:
-            batch.requeue(task_id)
-
-    # -- dispatch ------------------------------------------------------------------------------
-    def _dispatch(self, batch, it, now):
-        """Give ready tasks to nodes with credit: best task first, shared fairly between nodes."""
-        counts = self.store.ready_counts
-        delta = batch.ready_delta
-        if not delta and not any(counts.values()):
-            return
-
-        def ready(queue):
-            return counts[queue] + delta[queue] > 0
-
-        nodes = self.workers.with_credit(ready)
-        while nodes:
-            share = max(1, sum(counts[q] + delta[q] for q in {q for n in nodes for q in n.queues})
-                        // len(nodes))
-            still_hungry = []
-            for node in nodes:
-                credit = node.credit - it.dispatched[node]
-                tasks = self._take(batch, node, min(credit, share))
-                if not tasks:
-                    continue
-                it.dispatched[node] += len(tasks)
-                frames = []
-                new_leases = {}
-                for task_id, raw, payload in tasks:
-                    token = batch.next_seq()
-                    batch.lease(task_id, token, node.node_id, now)
-                    new_leases[token] = task_id
-                    frames += (str(token).encode(), raw, payload)
-                it.add(node.identity, P.TASK, *frames)
-                it.after_commit.append(lambda n=node, l=new_leases: n.leases.update(l))
-                if credit > len(tasks) and any(ready(q) for q in node.queues):
-                    still_hungry.append(node)
-            nodes = still_hungry
-
-    def _take(self, batch, node, limit):
-        if len(node.queues) == 1:
-            return batch.take_ready(node.queues[0], limit)
-        taken = []
-        while len(taken) < limit:  # several queues: best (priority, age) across all of them
-            keys = [(k, q) for q in node.queues if (k := batch.peek_ready(q)) is not None]
-            if not keys:
-                break
-            taken += batch.take_ready(min(keys)[1], 1)
-        return taken
+    def _settled(self, batch, it, header, raw, payload):
+        """A lease holder's final result: store it (or requeue a LOST task) and tell waiters."""
+        expires = None if self.result_expires is None else self.clock() + self.result_expires
+        batch.settle(header.id, raw, payload, expires)
+        for client in self.waiters.pop(header.id, ()):
+            it.add(client, P.RESULT, raw, payload)
 
     def _nearly_full(self):
         """Is the store close to its cap? Cheap high-water check first; page counts only if high."""

@@ -22,7 +22,7 @@ import zmq  # noqa: F401  (Context.instance)
 from . import protocol as P
 from . import states
 from .errors import BrokerUnavailable, StorageFull, TimeoutError, UnknownTaskError
-from .transport import NOBLOCK, dealer, send_frames
+from .transport import dealer, receive_ready, send_frames, wait_readable
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,14 @@ class Connection:
 
     def pump(self, timeout):
         """Wait up to ``timeout`` seconds for messages and file them. True if any came."""
-        if not self.socket.poll(max(0, int(timeout * 1000))):
+        if not wait_readable(self.socket, timeout):
             return False
-        while True:
-            try:
-                frames = self.socket.recv_multipart(NOBLOCK)
-            except zmq.Again:
-                return True
+        for frames in receive_ready(self.socket):
             try:
                 self.client.file_message(self, *P.split(frames))
             except Exception as exc:  # never let one bad message break a waiting caller
                 log.warning("dropped malformed message from broker: %s", exc)
+        return True
 
     def request(self, frames, req, timeout):
         """Send and wait for the reply carrying ``req``, resending on silence."""

@@ -40,7 +40,7 @@ from .app import default_app
 from .client import Connection
 from .config import default_concurrency, default_data_dir
 from .pool import CALL_TASK
-from .transport import NOBLOCK
+from .transport import receive_ready
 from .worker import run as run_worker
 
 log = logging.getLogger(__name__)
@@ -248,11 +248,7 @@ class Cluster(concurrent.futures.Executor):
             conn.socket.close(linger=0)
 
     def _drain(self, conn):
-        while True:
-            try:
-                frames = conn.socket.recv_multipart(NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in receive_ready(conn.socket):
             try:
                 command, body = P.split(frames)
                 if command == P.RESULT:

@@ -1,36 +1,62 @@
-"""The broker's table of worker nodes: liveness, credit and the leases each holds. Pure logic.
+"""The broker's table of worker nodes and their pool processes. Pure logic, clock passed in.
 
-The clock is passed in (``now``) so eviction and heartbeat timing are tested without sleeping.
-A node is one worker supervisor; its lease on a task lives exactly as long as the node keeps
-heartbeating (Paranoid Pirate liveness), not for a fixed visibility timeout.
+A *node* is one worker supervisor: it heartbeats, and its liveness is the liveness of every lease
+its pool processes hold (Paranoid Pirate, not a visibility timeout). A *slot* is one pool process
+of a node: it has its own socket, receives tasks and sends results directly, and has credit for
+``capacity`` deliveries at a time (one running plus prefetch). Slots never heartbeat for liveness;
+a node that falls silent takes all its slots with it.
 """
 
 
-class WorkerNode:
-    """One registered worker node, addressed by the routing id of its current socket."""
+class Node:
+    __slots__ = ("identity", "node_id", "queues", "slots", "last_seen", "last_sent", "info", "running")
 
-    __slots__ = ("identity", "node_id", "slots", "capacity", "queues", "leases", "last_seen",
-                 "last_sent", "info")
-
-    def __init__(self, identity, node_id, slots, capacity, queues, now, info=None):
+    def __init__(self, identity, node_id, queues, now, info=None):
         self.identity = identity
         self.node_id = node_id
-        self.slots = slots
-        #: most tasks the node may hold at once (running + prefetched)
-        self.capacity = capacity
         self.queues = tuple(queues)
-        #: token -> task id of every delivery the node holds
-        self.leases = {}
+        #: pool index -> Slot
+        self.slots = {}
         self.last_seen = now
         self.last_sent = now
         self.info = info or {}
+        #: delivery tokens its pool processes are running (from READY and node heartbeats)
+        self.running = set()
+
+    def leases(self):
+        return [(slot, token, task_id) for slot in self.slots.values()
+                for token, task_id in slot.leases.items()]
+
+    def __repr__(self):
+        return f"<Node {self.node_id} slots={len(self.slots)}>"
+
+
+class Slot:
+    """One pool process, addressed by the routing id of its current socket."""
+
+    __slots__ = ("identity", "node", "index", "key", "capacity", "leases")
+
+    def __init__(self, identity, node, index, capacity):
+        self.identity = identity
+        self.node = node
+        self.index = index
+        #: stable name of this pool position, recorded in leases so a restarted broker can
+        #: hand them back to the process that re-joins in the same place
+        self.key = f"{node.node_id}/{index}"
+        self.capacity = capacity
+        #: token -> task id of every delivery this process holds
+        self.leases = {}
 
     @property
     def credit(self):
         return self.capacity - len(self.leases)
 
+    @property
+    def queues(self):
+        return self.node.queues
+
     def __repr__(self):
-        return f"<WorkerNode {self.node_id} {len(self.leases)}/{self.capacity}>"
+        return f"<Slot {self.key} {len(self.leases)}/{self.capacity}>"
 
 
 class WorkerTable:
@@ -38,57 +64,74 @@ class WorkerTable:
         self.heartbeat_interval = heartbeat_interval
         #: silence (seconds) after which a node is declared dead and its leases redelivered
         self.timeout = heartbeat_interval * liveness
-        self.by_identity = {}
-        self.by_node = {}
+        self.nodes = {}       # identity -> Node
+        self.by_node_id = {}  # node id -> Node
+        self.slots = {}       # identity -> Slot
 
     def __len__(self):
-        return len(self.by_identity)
+        return len(self.nodes)
 
-    def __iter__(self):
-        return iter(list(self.by_identity.values()))
+    def node(self, identity):
+        return self.nodes.get(identity)
 
-    def get(self, identity):
-        return self.by_identity.get(identity)
+    def slot(self, identity):
+        return self.slots.get(identity)
 
-    def register(self, identity, node_id, slots, capacity, queues, now, info=None):
-        """Add a node. A node id already present (the node reconnected on a new socket) replaces
-        the old entry; the caller decides what to do with the old entry's leases."""
-        previous = self.by_node.get(node_id)
+    def node_by_id(self, node_id):
+        return self.by_node_id.get(node_id)
+
+    def register(self, identity, node_id, queues, now, info=None):
+        """Add a node. If the node id is known (it reconnected on a new socket), the old entry is
+        removed and returned so the caller can settle its slots' leases."""
+        previous = self.by_node_id.get(node_id)
         if previous is not None:
             self.remove(previous)
-        node = WorkerNode(identity, node_id, slots, capacity, queues, now, info)
-        self.by_identity[identity] = node
-        self.by_node[node_id] = node
+        node = Node(identity, node_id, queues, now, info)
+        self.nodes[identity] = node
+        self.by_node_id[node_id] = node
         return node, previous
 
-    def remove(self, node):
-        self.by_identity.pop(node.identity, None)
-        if self.by_node.get(node.node_id) is node:
-            del self.by_node[node.node_id]
+    def join(self, identity, node, index, capacity):
+        """Attach a pool process to its node; returns (slot, the slot it replaces or None)."""
+        previous = node.slots.get(index)
+        if previous is not None:
+            self.slots.pop(previous.identity, None)
+        slot = Slot(identity, node, index, capacity)
+        node.slots[index] = slot
+        self.slots[identity] = slot
+        return slot, previous
 
-    def seen(self, node, now):
-        node.last_seen = now
+    def remove(self, node):
+        self.nodes.pop(node.identity, None)
+        if self.by_node_id.get(node.node_id) is node:
+            del self.by_node_id[node.node_id]
+        for slot in node.slots.values():
+            self.slots.pop(slot.identity, None)
+
+    def remove_slot(self, slot):
+        self.slots.pop(slot.identity, None)
+        if slot.node.slots.get(slot.index) is slot:
+            del slot.node.slots[slot.index]
 
     def expired(self, now):
         """Nodes silent for longer than the liveness timeout (dead, frozen, or cut off)."""
-        return [node for node in self.by_identity.values() if now - node.last_seen > self.timeout]
+        return [node for node in self.nodes.values() if now - node.last_seen > self.timeout]
 
     def heartbeat_due(self, now):
         """Nodes we have sent nothing to for a heartbeat interval (they judge our liveness too)."""
-        return [node for node in self.by_identity.values()
-                if now - node.last_sent >= self.heartbeat_interval]
+        return [node for node in self.nodes.values() if now - node.last_sent >= self.heartbeat_interval]
 
     def with_credit(self, queue_has_work):
-        """Nodes that can take more work from a non-empty queue, most free credit first."""
-        nodes = [n for n in self.by_identity.values()
-                 if n.credit > 0 and any(queue_has_work(q) for q in n.queues)]
-        nodes.sort(key=lambda n: n.credit, reverse=True)
-        return nodes
+        """Slots that can take more work from a non-empty queue, most free credit first."""
+        slots = [s for s in self.slots.values()
+                 if s.credit > 0 and any(queue_has_work(q) for q in s.node.queues)]
+        slots.sort(key=lambda s: s.credit, reverse=True)
+        return slots
 
     def next_deadline(self, now):
         """Seconds until the next heartbeat or eviction check is due (poll timeout)."""
-        if not self.by_identity:
+        if not self.nodes:
             return self.heartbeat_interval
         soonest = min(min(n.last_sent + self.heartbeat_interval, n.last_seen + self.timeout)
-                      for n in self.by_identity.values())
+                      for n in self.nodes.values())
         return max(0.0, soonest - now)

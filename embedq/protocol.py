@@ -23,17 +23,20 @@ FORGET = b"FORGET"      # {"req", "ids"}                  -> ACK
 ACK = b"ACK"            # {"req", "accepted", "duplicates", "error"?}
 RESULT = b"RESULT"      # (result header, payload)*  (also worker -> broker)
 STATE = b"STATE"        # {"req"?, "states": {id: {"state", ...}}}
-# worker node <-> broker
-READY = b"READY"        # {"node", "slots", "queues", "held"}  -> WELCOME
-WELCOME = b"WELCOME"    # {"broker", "heartbeat", "drop"}
+# worker node (supervisor) <-> broker
+READY = b"READY"        # {"node", "queues", ...}        -> WELCOME {"broker", "heartbeat"}
+LOST = b"LOST"          # {"index", "reason"}: that pool process died; requeue what it held
+HEARTBEAT = b"HEARTBEAT"  # node: {} (liveness); pool process when idle: {"held", "seen"}
+# pool process <-> broker
+JOIN = b"JOIN"          # {"node", "index", "capacity", "held"}  -> WELCOME {"broker", "drop"}
 TASK = b"TASK"          # (token, header, payload)*
-SETTLED = b"SETTLED"    # {"tokens"}: results committed, the node may forget them
-HEARTBEAT = b"HEARTBEAT"  # {"held", "seen"} from nodes; empty from the broker
+SETTLED = b"SETTLED"    # token*: results committed, the process may forget them
+WELCOME = b"WELCOME"
 # both ways
-DISCONNECT = b"DISCONNECT"  # {"reason"}: "I do not know you / you broke protocol: re-register"
+DISCONNECT = b"DISCONNECT"  # {"reason"}: "I do not know you / you broke protocol: register again"
 
 CLIENT_COMMANDS = frozenset({SUBMIT, WAIT, STATUS, FORGET})
-WORKER_COMMANDS = frozenset({READY, HEARTBEAT, RESULT, DISCONNECT})
+WORKER_COMMANDS = frozenset({READY, JOIN, LOST, HEARTBEAT, RESULT, DISCONNECT})
 
 #: Longest accepted task id, queue or task name (characters).
 MAX_NAME_LENGTH = 255

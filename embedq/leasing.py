@@ -1,0 +1,280 @@
+"""The broker's worker side: registration, liveness, leases, redelivery and dispatch.
+
+Every delivery is a *lease*: a row in the store's ``leases`` database naming the task, the pool
+process holding it (``node id/index``) and a delivery *token*. A lease ends in exactly one way:
+
+- settled: the holder's RESULT carries the lease's token (any other token is a late result from a
+  holder that lost the lease, and is discarded);
+- requeued: its node fell silent (evicted), said the process died (LOST), left (DISCONNECT), or
+  re-joined without it (the delivery was lost in transit); the task goes back to the front of its
+  queue in the same transaction.
+
+All methods take the loop's open ``batch`` (store transaction) and ``it`` (the replies and
+in-memory changes that happen only after it commits).
+"""
+
+import logging
+
+from . import protocol as P
+from .errors import ProtocolError
+from .peers import WorkerTable
+from .store import Lease
+
+log = logging.getLogger(__name__)
+
+
+class Leasing:
+    def __init__(self, store, heartbeat, liveness, monotonic, on_settled, instance):
+        self.store = store
+        self.heartbeat = heartbeat
+        self.workers = WorkerTable(heartbeat, liveness)
+        self.on_settled = on_settled
+        self.instance = instance
+        # Leases found in the store at startup belong to pool processes that must re-join (and
+        # say what they still hold) within one liveness timeout, or the tasks are redelivered.
+        self.orphans = {lease.task_id: lease for lease in store.leases()}
+        self.orphan_deadline = monotonic() + self.workers.timeout + heartbeat
+        self.unreachable_slots = set()
+        self.handlers = {P.READY: self._on_ready, P.JOIN: self._on_join, P.HEARTBEAT: self._on_heartbeat,
+                         P.RESULT: self._on_result, P.LOST: self._on_lost, P.DISCONNECT: self._on_disconnect}
+
+    def handle(self, batch, it, identity, command, body, now, mono):
+        """Handle a worker-side command; False if ``command`` is not one."""
+        handler = self.handlers.get(command)
+        if handler is None:
+            return False
+        node = self.workers.node(identity)
+        if node is not None:
+            node.last_seen = mono
+        handler(batch, it, identity, body, now, mono)
+        return True
+
+    def _unknown(self, it, identity, body):
+        it.send(identity, P.DISCONNECT, P.encode({"reason": "unknown peer: register again"}))
+
+    # -- nodes -----------------------------------------------------------------------------
+    def _on_ready(self, batch, it, identity, body, now, mono):
+        info = P.decode(body[0]) if body else {}
+        node_id = P.check_name(info.get("node"), "node id")
+        queues = info.get("queues")
+        if not isinstance(queues, list) or not queues:
+            raise ProtocolError("READY needs a non-empty queue list")
+        for queue in queues:
+            P.check_name(queue, "queue")
+        node, previous = self.workers.register(identity, node_id, queues, mono, info)
+        node.running = _tokens(info.get("running"))
+        if previous is not None:  # the node re-registered: its processes will re-join
+            for slot in previous.slots.values():
+                for token, task_id in slot.leases.items():
+                    self.orphans[task_id] = Lease(task_id, token, now, slot.key)
+            self.orphan_deadline = max(self.orphan_deadline, mono + self.workers.timeout + self.heartbeat)
+        log.info("worker node %s ready: queues %s", node_id, ",".join(queues))
+        it.send(identity, P.WELCOME, P.encode({"broker": self.instance, "heartbeat": self.heartbeat}))
+
+    def _on_disconnect(self, batch, it, identity, body, now, mono):
+        node = self.workers.node(identity)
+        slot = self.workers.slot(identity)
+        if node is not None:
+            leases = node.leases()
+            log.info("worker node %s left; %d task(s) handed back", node.node_id, len(leases))
+            for slot in node.slots.values():
+                self._release(batch, it, slot, slot.leases.items())
+            it.after_commit.append(lambda: self.workers.remove(node))
+        elif slot is not None:
+            self._release(batch, it, slot, slot.leases.items())
+            it.after_commit.append(lambda: self.workers.remove_slot(slot))
+
+    def _on_lost(self, batch, it, identity, body, now, mono):
+        """A node reports that one of its pool processes died: its deliveries go elsewhere now."""
+        node = self.workers.node(identity)
+        if node is None:
+            return self._unknown(it, identity, body)
+        info = P.decode(body[0]) if body else {}
+        key = f"{node.node_id}/{info.get('index')}"
+        for lease in [lease for lease in self.orphans.values() if lease.node == key]:
+            self._requeue(batch, lease.task_id, lease.token)  # it died before re-joining
+            del self.orphans[lease.task_id]
+        slot = node.slots.get(info.get("index"))
+        if slot is not None:
+            log.warning("pool process %s died (%s); %d task(s) redelivered", slot.key,
+                        info.get("reason", "?"), len(slot.leases))
+            self._release(batch, it, slot, slot.leases.items())
+            it.after_commit.append(lambda: self.workers.remove_slot(slot))
+
+    def evict_silent(self, batch, it, mono):
+        for node in self.workers.expired(mono):
+            leases = node.leases()
+            log.warning("worker node %s silent for %.1fs: evicted, %d task(s) redelivered",
+                        node.node_id, mono - node.last_seen, len(leases))
+            for slot in node.slots.values():
+                self._release(batch, it, slot, slot.leases.items())
+            it.after_commit.append(lambda node=node: self.workers.remove(node))
+        for slot in self.unreachable_slots:
+            self._release(batch, it, slot, slot.leases.items())
+            it.after_commit.append(lambda slot=slot: self.workers.remove_slot(slot))
+        self.unreachable_slots = set()
+        if self.orphans and mono >= self.orphan_deadline:
+            # A lease whose process has not re-joined yet is kept while its node reports it as
+            # running (the process re-joins when the task ends); the rest are redelivered.
+            running = set().union(*(node.running for node in self.workers.nodes.values()))
+            expired = [lease for lease in self.orphans.values() if lease.token not in running]
+            for lease in expired:
+                self._requeue(batch, lease.task_id, lease.token)
+                del self.orphans[lease.task_id]
+            if expired:
+                log.info("%d lease(s) of processes that did not come back were requeued", len(expired))
+            self.orphan_deadline = mono + self.heartbeat
+
+    # -- pool processes ----------------------------------------------------------------------
+    def _on_join(self, batch, it, identity, body, now, mono):
+        info = P.decode(body[0]) if body else {}
+        node = self.workers.node_by_id(info.get("node"))
+        index, capacity, held = info.get("index"), info.get("capacity"), info.get("held", [])
+        if not (isinstance(index, int) and isinstance(capacity, int) and capacity > 0
+                and isinstance(held, list)):
+            raise ProtocolError("JOIN needs integer index and capacity and a held list")
+        if node is None:
+            return self._unknown(it, identity, body)
+        slot, previous = self.workers.join(identity, node, index, capacity)
+        # What the process says it holds is adopted; what we thought it held but it does not is
+        # requeued; what it holds but is no longer its own (given away meanwhile) it must drop.
+        candidates = dict(previous.leases) if previous is not None else {}
+        for lease in [lease for lease in self.orphans.values() if lease.node == slot.key]:
+            candidates[lease.token] = lease.task_id
+            del self.orphans[lease.task_id]
+        held_tokens = {t for t in held if isinstance(t, int)}
+        adopted = {t: tid for t, tid in candidates.items() if t in held_tokens}
+        slot.leases.update(adopted)
+        self._release(batch, it, slot, [(t, tid) for t, tid in candidates.items() if t not in adopted],
+                      forget=False)
+        drop = sorted(held_tokens - set(adopted))
+        if adopted or drop:
+            log.info("pool process %s joined: %d lease(s) adopted, %d dropped", slot.key, len(adopted), len(drop))
+        it.send(identity, P.WELCOME, P.encode({"broker": self.instance, "drop": drop}))
+
+    def _on_heartbeat(self, batch, it, identity, body, now, mono):
+        node = self.workers.node(identity)
+        if node is not None:
+            node.running = _tokens((P.decode(body[0]) if body else {}).get("running"))
+            return
+        slot = self.workers.slot(identity)
+        if slot is None:
+            return self._unknown(it, identity, body)
+        info = P.decode(body[0]) if body else {}
+        held, seen = info.get("held"), info.get("seen")
+        if isinstance(held, list) and isinstance(seen, int):
+            # A delivery the process has seen past but does not hold was lost on the way (a
+            # dropped connection): give it to someone else rather than wait forever.
+            held = set(held)
+            lost = [(t, tid) for t, tid in slot.leases.items() if t <= seen and t not in held]
+            if lost:
+                log.warning("pool process %s lost %d delivery(ies) in transit; requeued", slot.key, len(lost))
+                self._release(batch, it, slot, lost)
+
+    def _on_result(self, batch, it, identity, body, now, mono):
+        slot = self.workers.slot(identity)
+        if slot is None:
+            return self._unknown(it, identity, body)
+        settled = []
+        for raw, payload in P.pairs(body):
+            header = P.ResultHeader.parse(raw)
+            settled.append(str(header.token).encode())
+            lease = batch.get_lease(header.id)
+            if lease is None or lease.token != header.token or header.token not in slot.leases:
+                log.info("discarded a late result for %s from %s (delivery %d is no longer its lease)",
+                         header.id, slot.key, header.token)
+                continue
+            it.after_commit.append(lambda t=header.token: slot.leases.pop(t, None))
+            self.on_settled(batch, it, header, raw, payload)
+        it.add(identity, P.SETTLED, *settled)
+
+    # -- leases ------------------------------------------------------------------------------
+    def _release(self, batch, it, slot, leases, forget=True):
+        """Requeue the given (token, task id) leases; drop them from the slot after commit."""
+        leases = list(leases)
+        for token, task_id in leases:
+            self._requeue(batch, task_id, token)
+        if forget and leases:
+            tokens = [token for token, _ in leases]
+            it.after_commit.append(lambda: [slot.leases.pop(t, None) for t in tokens])
+
+    def _requeue(self, batch, task_id, token):
+        lease = batch.get_lease(task_id)
+        if lease is not None and lease.token == token:
+            batch.requeue(task_id)
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def dispatch(self, batch, it, now):
+        """Give ready tasks to pool processes with credit: best task first, shared fairly."""
+        counts = self.store.ready_counts
+        delta = batch.ready_delta
+        if not delta and not any(counts.values()):
+            return
+
+        def ready(queue):
+            return counts[queue] + delta[queue] > 0
+
+        slots = self.workers.with_credit(ready)
+        while slots:
+            queues = {q for s in slots for q in s.queues}
+            share = max(1, sum(counts[q] + delta[q] for q in queues) // len(slots))
+            still_hungry = []
+            for slot in slots:
+                credit = slot.credit - it.dispatched[slot]
+                tasks = self._take(batch, slot, min(credit, share))
+                if not tasks:
+                    continue
+                it.dispatched[slot] += len(tasks)
+                frames = []
+                new_leases = {}
+                for task_id, raw, payload in tasks:
+                    token = batch.next_seq()
+                    batch.lease(task_id, token, slot.key, now)
+                    new_leases[token] = task_id
+                    frames += (str(token).encode(), raw, payload)
+                it.add(slot.identity, P.TASK, *frames)
+                it.after_commit.append(lambda s=slot, l=new_leases: s.leases.update(l))
+                if credit > len(tasks) and any(ready(q) for q in slot.queues):
+                    still_hungry.append(slot)
+            slots = still_hungry
+
+    def _take(self, batch, slot, limit):
+        queues = slot.queues
+        if len(queues) == 1:
+            return batch.take_ready(queues[0], limit)
+        taken = []
+        while len(taken) < limit:  # several queues: best (priority, age) across all of them
+            keys = [(k, q) for q in queues if (k := batch.peek_ready(q)) is not None]
+            if not keys:
+                break
+            taken += batch.take_ready(min(keys)[1], 1)
+        return taken
+
+    # -- liveness ------------------------------------------------------------------------------
+    def unreachable(self, identity):
+        """A send to ``identity`` failed (ROUTER_MANDATORY: the peer is gone). Its leases are
+        requeued next iteration: a node's by eviction, a pool process's on its own."""
+        node = self.workers.node(identity)
+        if node is not None:
+            log.warning("cannot reach worker node %s: evicting", node.node_id)
+            node.last_seen = float("-inf")
+            return True
+        slot = self.workers.slot(identity)
+        if slot is not None:
+            log.warning("cannot reach pool process %s: its deliveries will be redelivered", slot.key)
+            self.unreachable_slots.add(slot)
+            return True
+        return False
+
+    def heartbeat_due(self, mono):
+        return self.workers.heartbeat_due(mono)
+
+    def next_deadline(self, mono):
+        deadline = self.workers.next_deadline(mono)
+        if self.orphans:
+            deadline = min(deadline, max(0.0, self.orphan_deadline - mono))
+        return deadline
+
+
+def _tokens(value):
+    return {t for t in value if isinstance(t, int)} if isinstance(value, list) else set()
