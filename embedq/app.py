@@ -87,10 +87,9 @@ class App:
         return task.apply_async(args, kwargs, **options)
 
     def send_messages(self, messages):
-        """Submit prepared (header, payload) pairs in one round trip; one AsyncResult each."""
+        """Submit prepared (task id, header, payload) triples in one round trip (one commit)."""
         conn, _ = self.client.submit(messages)
-        from . import protocol as P
-        return [AsyncResult(P.decode(header)["id"], self, submitted_on=conn) for header, _ in messages]
+        return [AsyncResult(task_id, self, submitted_on=conn) for task_id, _, _ in messages]
 
     def AsyncResult(self, task_id):  # noqa: N802 - Celery's name
         return AsyncResult(task_id, self)

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 
 import zmq  # noqa: F401  (Context.instance)
 
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 RESULT_CACHE_SIZE = 100_000
 #: Milliseconds a closing client socket may linger to deliver what it sent.
 LINGER_MS = 1000
+#: Most ids remembered as owed to this process (oldest forgotten; they can still be waited for).
+OUTSTANDING_LIMIT = 100_000
+#: Most ids one bulk WAIT asks for.
+BULK_WAIT = 10_000
 #: Messages a client socket queues while the broker is away (resends cover what is dropped).
 HIGH_WATER_MARK = 100_000
 
@@ -115,8 +120,11 @@ class Client:
         self.results = ResultCache()
         self.local = threading.local()
         self.requests = itertools.count(1)
-        self.connections = []
+        self.connections = weakref.WeakSet()  # a thread's socket closes when the thread ends
         self.lock = threading.Lock()
+        #: ids submitted from this process whose results have not arrived yet; a WAIT from a
+        #: thread that did not submit them asks for all of them at once (bulk fetch)
+        self.outstanding = collections.OrderedDict()
         #: optional hook (task id, header, payload) for results pushed to other identities' owners
         self.on_result = None
 
@@ -125,14 +133,14 @@ class Client:
         if conn is None:
             conn = self.local.connection = Connection(self)
             with self.lock:
-                self.connections.append(conn)
+                self.connections.add(conn)
         return conn
 
     def close(self):
         with self.lock:
-            for conn in self.connections:
+            for conn in list(self.connections):
                 conn.close()
-            self.connections = []
+            self.connections = weakref.WeakSet()
         self.local = threading.local()
 
     def file_message(self, conn, command, body):
@@ -140,6 +148,7 @@ class Client:
             for raw, payload in P.pairs(body):
                 header = P.decode(raw)
                 self.results.put(header["id"], header, payload)
+                self.outstanding.pop(header["id"], None)
         elif command == P.STATE and body:
             info = P.decode(body[0])
             if "req" in info:
@@ -153,14 +162,21 @@ class Client:
             log.warning("broker refused a message: %s", body[0][:200] if body else b"")
 
     # -- requests ----------------------------------------------------------------------------
-    def submit(self, tasks, timeout=None):
-        """Send (header JSON, payload) pairs in one message; return once they are committed."""
+    def submit(self, messages, timeout=None):
+        """Send (task id, header JSON, payload) triples in one message; return once committed."""
         conn = self.connection()
         req = next(self.requests)
-        frames = P.message(P.SUBMIT, P.encode({"req": req}), *itertools.chain.from_iterable(tasks))
+        frames = [P.PROTOCOL, P.SUBMIT, b'{"req":%d}' % req]
+        for _, header, payload in messages:
+            frames += (header, payload)
         reply = conn.request(frames, req, self.connection_timeout if timeout is None else timeout)
         if reply.get("error") == "StorageFull":
             raise StorageFull(reply.get("message", "broker store is full"))
+        with self.lock:
+            for task_id, _, _ in messages:
+                self.outstanding[task_id] = None
+            while len(self.outstanding) > OUTSTANDING_LIMIT:
+                self.outstanding.popitem(last=False)
         return conn, reply
 
     def status(self, task_ids):
@@ -188,7 +204,11 @@ class Client:
         wait_frames = P.message(P.WAIT, P.encode({"ids": [task_id]}))
         sent = time.monotonic()
         if found is None and subscribed is not conn:
-            conn.send(wait_frames)
+            # Another thread submitted it: subscribe this socket to every result still owed to
+            # this process, so the get()s that follow find theirs already here.
+            with self.lock:
+                others = list(itertools.islice(self.outstanding, BULK_WAIT))
+            conn.send(P.message(P.WAIT, P.encode({"ids": [task_id, *others]})))
         while found is None:
             now = time.monotonic()
             if deadline is not None and now >= deadline:

@@ -36,8 +36,9 @@ DEFAULTS = {
     "task_default_queue": "celery",
     #: Pool processes per worker node (default: CPU count).
     "worker_concurrency": None,
-    #: A node holds at most concurrency * multiplier tasks (running + prefetched), as in Celery.
-    "worker_prefetch_multiplier": 2,
+    #: Each pool process holds at most this many tasks (one running, the rest prefetched), so a
+    #: node holds concurrency * multiplier, as in Celery (whose default is also 4).
+    "worker_prefetch_multiplier": 4,
     #: Schedules and crontab are evaluated in this zone.
     "timezone": "UTC",
 }

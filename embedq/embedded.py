@@ -205,7 +205,7 @@ class Cluster(concurrent.futures.Executor):
             header = {"id": task_id, "task": CALL_TASK, "queue": queue, "codec": codec,
                       "py": serialize.PYTHON_VERSION, "notify": True,
                       "reply_to": self._listener_identity.decode()}
-            messages.append((P.encode(header), payload))
+            messages.append((task_id, P.encode(header), payload))
             future = concurrent.futures.Future()
             future.set_running_or_notify_cancel()
             futures.append(future)

@@ -35,6 +35,8 @@ from .transport import dealer, receive_ready, send_frames
 
 #: Name of the built-in task that runs a pickled callable (``Cluster.submit`` / ``map``).
 CALL_TASK = "embedq.call"
+#: Results of back-to-back tasks sent in one message (a lone task's result goes at once).
+RESULT_BATCH = 64
 #: Milliseconds a pool process's socket may linger at exit to flush a last result.
 LINGER_MS = 500
 
@@ -104,6 +106,7 @@ class PoolWorker:
         self.seen = 0                         # highest delivery token received
         self.heartbeat = 0.5
         self.last_sent = 0.0
+        self.finished = []                    # result frames not sent yet (sent when idle)
 
     def serve(self):
         while True:
@@ -112,6 +115,9 @@ class PoolWorker:
                 wait = 0
             else:
                 wait = self.heartbeat
+            if self.finished and (not self.backlog or len(self.finished) >= RESULT_BATCH):
+                self._send(P.RESULT, *self.finished)  # one message for a run of short tasks
+                self.finished = []
             if not self._poll(wait):
                 return
 
@@ -178,7 +184,7 @@ class PoolWorker:
             self.status[0] = 0
         raw = P.encode(result)
         self.unsettled[token] = (raw, body, time.monotonic())
-        self._send(P.RESULT, raw, body)
+        self.finished += (raw, body)
 
     def held(self):
         return sorted({token for token, _, _ in self.backlog} | set(self.unsettled))

@@ -83,14 +83,14 @@ class Task:
 
     def apply_async(self, args=None, kwargs=None, task_id=None, *, countdown=None, eta=None,
                     expires=None, queue=None, priority=None, ignore_result=None, **options):
-        header, payload = self.build_message(
+        message = self.build_message(
             args, kwargs, task_id=task_id, countdown=countdown, eta=eta, expires=expires,
             queue=queue, priority=priority, ignore_result=ignore_result, **options)
-        return self.app.send_messages([(header, payload)])[0]
+        return self.app.send_messages([message])[0]
 
     def build_message(self, args=None, kwargs=None, task_id=None, *, countdown=None, eta=None,
                       expires=None, queue=None, priority=None, ignore_result=None, **options):
-        """(header JSON, payload) for one call, with Celery's option names and meanings."""
+        """(task id, header JSON, payload) for one call, with Celery's option names and meanings."""
         now = time.time()
         if countdown is not None:
             eta = now + countdown
@@ -102,8 +102,9 @@ class Task:
         payload, codec = serialize.dumps((tuple(args or ()), dict(kwargs or {})))
         if ignore_result is None:
             ignore_result = self.ignore_result
+        task_id = task_id or str(uuid.uuid4())
         header = {
-            "id": task_id or str(uuid.uuid4()),
+            "id": task_id,
             "task": self.name,
             "queue": queue or self.queue or self.app.conf.task_default_queue,
             "priority": self.priority if priority is None else priority,
@@ -116,7 +117,7 @@ class Task:
             header["py"] = serialize.PYTHON_VERSION
         if options:
             header["options"] = options
-        return P.encode({k: v for k, v in header.items() if v is not None}), payload
+        return task_id, P.encode({k: v for k, v in header.items() if v is not None}), payload
 
     def AsyncResult(self, task_id):  # noqa: N802 - Celery's name
         return self.app.AsyncResult(task_id)

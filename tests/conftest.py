@@ -71,9 +71,11 @@ class BrokerProcess:
 
 
 class WorkerProcess:
-    def __init__(self, broker_url, concurrency=2, name="w", queues=None):
+    def __init__(self, broker_url, concurrency=2, name="w", queues=None, prefetch=None):
         command = [sys.executable, "-m", "embedq.worker", "-A", "testapp", "--broker", broker_url,
                    "-c", str(concurrency), "-n", name, "--loglevel", "WARNING"]
+        if prefetch:
+            command += ["--prefetch-multiplier", str(prefetch)]
         if queues:
             command += ["-Q", ",".join(queues)]
         self.process = subprocess.Popen(command, env=_environment(), stdin=subprocess.DEVNULL)
@@ -117,8 +119,8 @@ def broker(tmp_path):
 def start_worker(broker):
     started = []
 
-    def start(concurrency=2, name=None, queues=None):
-        worker = WorkerProcess(broker.url, concurrency, name or f"w{len(started)}", queues)
+    def start(concurrency=2, name=None, queues=None, prefetch=None):
+        worker = WorkerProcess(broker.url, concurrency, name or f"w{len(started)}", queues, prefetch)
         started.append(worker)
         return worker
 

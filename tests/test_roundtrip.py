@@ -3,6 +3,7 @@
 import pytest
 
 import embedq
+from conftest import wait_until
 from embedq import states
 
 pytestmark = pytest.mark.timeout(60)
@@ -108,9 +109,11 @@ def test_result_readable_from_another_handle_and_thread(app, start_worker):
 def test_load_is_shared_between_worker_nodes(app, start_worker, tmp_path):
     import testapp
 
-    first, second = start_worker(concurrency=1), start_worker(concurrency=1)
-    gate = tmp_path / "go"
-    running = [testapp.wait_for_file.delay(str(gate)) for _ in range(4)]
+    first, second = start_worker(concurrency=1, prefetch=1), start_worker(concurrency=1, prefetch=1)
+    gate, started = tmp_path / "go", tmp_path / "started"
+    started.mkdir()
+    running = [testapp.hold.delay(str(gate), str(started)) for _ in range(4)]
+    wait_until(lambda: len(list(started.iterdir())) == 2, timeout=20, message="both nodes running one")
     gate.write_text("")
     pids = {r.get(timeout=30) for r in running}
     node_children = {c.pid for w in (first, second) for c in w.children()}

@@ -80,7 +80,7 @@ def _mark(marker_dir, stage, value):
 
 
 @app.task
-def hold(marker_dir, value, gate, timeout=30.0):
+def hold_marked(marker_dir, value, gate, timeout=30.0):
     """Like ``wait_for_file``, but observable: a ``start`` marker when a pool child begins running
     it, a ``done`` marker when the gate has opened and it finishes. Returns ``(value, pid)``, so a
     test can tell which pool child's run produced the stored result (``value`` has no dots)."""
@@ -101,3 +101,10 @@ def crash(marker_dir):
 
     _mark(marker_dir, "crash", "x")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task
+def hold(gate, started_dir):
+    """Mark that it started (one file per run), then block until ``gate`` exists."""
+    open(os.path.join(started_dir, f"{os.getpid()}.{time.monotonic_ns()}"), "w").close()
+    return wait_for_file.run(gate)
