@@ -41,7 +41,6 @@ from .client import Connection
 from .config import default_concurrency, default_data_dir
 from .pool import CALL_TASK
 from .transport import receive_ready
-from .worker import run as run_worker
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +115,9 @@ class Cluster(concurrent.futures.Executor):
                         "--loglevel", logging.getLevelName(logging.getLogger("embedq").getEffectiveLevel())])
 
     def _start_worker(self, endpoint):
+        from .worker import run as run_worker  # here: importing it at the top would make
+        # `python -m embedq.worker` import the module twice (runpy warns about that)
+
         context = multiprocessing.get_context("spawn")
         options = {"concurrency": self.workers, "queues": self.queues, "name": self.worker_name,
                    "parent_pid": os.getpid()}
