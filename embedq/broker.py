@@ -54,6 +54,14 @@ HIGH_WATER_MARK = 100_000
 LINGER_MS = 1000
 
 
+class _PoisonMessage(Exception):
+    """A handler failed on a message in a way validation did not foresee (see _iterate)."""
+
+    def __init__(self, index):
+        super().__init__(index)
+        self.index = index
+
+
 class Iteration:
     """What one loop iteration will send and change in memory once its transaction commits."""
 
@@ -88,6 +96,7 @@ class Broker:
         self.next_due = None
         self._client_handlers = {P.SUBMIT: self._on_submit, P.WAIT: self._on_wait,
                                  P.STATUS: self._on_status, P.FORGET: self._on_forget}
+        self.max_message_size = max_message_size
         self.context = context or zmq.Context()
         self.socket = self._bind(bind, max_message_size)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -144,7 +153,7 @@ class Broker:
             self.store.grow_to_fit()
             self.refuse_submits = self._nearly_full()
         refuse_submits = self.refuse_submits
-        for _attempt in range(3):
+        for _attempt in range(3 + len(messages)):
             it = Iteration()
             batch = self.store.begin()
             try:
@@ -156,6 +165,12 @@ class Broker:
                 if not self.store.grow():
                     log.error("store is at broker_max_store_size; refusing submits")
                     refuse_submits = self.refuse_submits = True
+            except _PoisonMessage as poison:  # a bug met by odd input: drop that message, not us
+                batch.abort()
+                log.error("dropped a message that made the broker fail (%s); replying DISCONNECT",
+                          poison.__cause__, exc_info=poison.__cause__)
+                bad = messages.pop(poison.index)
+                self._send_now(bad[0], P.DISCONNECT, P.encode({"reason": "internal error"}))
         else:
             log.error("could not commit this iteration (store full); %d messages dropped, "
                       "their senders will resend", len(messages))
@@ -166,8 +181,13 @@ class Broker:
 
     def _work(self, batch, it, messages, refuse_submits):
         now, mono = self.clock(), self.monotonic()
-        for frames in messages:
-            self._handle(batch, it, frames, now, mono, refuse_submits)
+        for index, frames in enumerate(messages):
+            try:
+                self._handle(batch, it, frames, now, mono, refuse_submits)
+            except lmdb.MapFullError:
+                raise
+            except Exception as exc:
+                raise _PoisonMessage(index) from exc
         self.leasing.evict_silent(batch, it, mono)
         if self.next_due is not None and self.next_due <= now:
             self.next_due = batch.promote_due(now)
@@ -206,6 +226,8 @@ class Broker:
     def _handle(self, batch, it, frames, now, mono, refuse_submits):
         identity = frames[0]
         try:
+            if sum(map(len, frames)) > self.max_message_size:  # MAXMSGSIZE is per frame
+                raise ProtocolError(f"message larger than {self.max_message_size} bytes")
             command, body = P.split(frames[1:])
             client_handler = self._client_handlers.get(command)
             if client_handler is not None:
@@ -313,10 +335,10 @@ class Broker:
 
 def run(data_dir, bind, *, durability="fsync", ready_fd=None, parent_pid=None, **options):
     """Serve until SIGTERM/SIGINT (or the parent dies, when started by ``embedq.start``)."""
-    from .lifecycle import StopFlag, die_with_parent, parent_gone
+    from .lifecycle import StopFlag, parent_gone
 
-    if parent_pid is not None:
-        die_with_parent(parent_pid=parent_pid)
+    if parent_gone(parent_pid):  # it died before we got here
+        return
     stop = StopFlag()
     broker = Broker(data_dir, bind, durability=durability, **options)
     if ready_fd is not None:

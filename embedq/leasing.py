@@ -19,6 +19,7 @@ from . import protocol as P
 from .errors import ProtocolError
 from .peers import WorkerTable
 from .store import Lease
+from .transport import RECONNECT_IVL_MAX_MS
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,16 @@ class Leasing:
         self.store = store
         self.heartbeat = heartbeat
         self.workers = WorkerTable(heartbeat, liveness)
+        #: how long a lease without a live holder waits for its process to re-join: a node must
+        #: notice the silence (one liveness timeout), reconnect (ZeroMQ backs off up to
+        #: RECONNECT_IVL_MAX) and register, with the same again as margin
+        self.orphan_grace = 2 * self.workers.timeout + 2 * RECONNECT_IVL_MAX_MS / 1000
         self.on_settled = on_settled
         self.instance = instance
         # Leases found in the store at startup belong to pool processes that must re-join (and
         # say what they still hold) within one liveness timeout, or the tasks are redelivered.
         self.orphans = {lease.task_id: lease for lease in store.leases()}
-        self.orphan_deadline = monotonic() + self.workers.timeout + heartbeat
+        self.orphan_deadline = monotonic() + self.orphan_grace
         self.unreachable_slots = set()
         self.handlers = {P.READY: self._on_ready, P.JOIN: self._on_join, P.HEARTBEAT: self._on_heartbeat,
                          P.RESULT: self._on_result, P.LOST: self._on_lost, P.DISCONNECT: self._on_disconnect}
@@ -61,13 +66,16 @@ class Leasing:
             raise ProtocolError("READY needs a non-empty queue list")
         for queue in queues:
             P.check_name(queue, "queue")
+        same_socket = self.workers.node(identity)
+        if same_socket is not None and same_socket.node_id != node_id:  # renamed: the old one left
+            self._leave(batch, it, same_socket)
         node, previous = self.workers.register(identity, node_id, queues, mono, info)
         node.running = _tokens(info.get("running"))
         if previous is not None:  # the node re-registered: its processes will re-join
             for slot in previous.slots.values():
                 for token, task_id in slot.leases.items():
                     self.orphans[task_id] = Lease(task_id, token, now, slot.key)
-            self.orphan_deadline = max(self.orphan_deadline, mono + self.workers.timeout + self.heartbeat)
+            self.orphan_deadline = max(self.orphan_deadline, mono + self.orphan_grace)
         log.info("worker node %s ready: queues %s", node_id, ",".join(queues))
         it.send(identity, P.WELCOME, P.encode({"broker": self.instance, "heartbeat": self.heartbeat}))
 
@@ -75,14 +83,19 @@ class Leasing:
         node = self.workers.node(identity)
         slot = self.workers.slot(identity)
         if node is not None:
-            leases = node.leases()
-            log.info("worker node %s left; %d task(s) handed back", node.node_id, len(leases))
-            for slot in node.slots.values():
-                self._release(batch, it, slot, slot.leases.items())
-            it.after_commit.append(lambda: self.workers.remove(node))
+            log.info("worker node %s left; %d task(s) handed back", node.node_id, len(node.leases()))
+            self._leave(batch, it, node)
         elif slot is not None:
+            slot.leaving = True
             self._release(batch, it, slot, slot.leases.items())
             it.after_commit.append(lambda: self.workers.remove_slot(slot))
+
+    def _leave(self, batch, it, node):
+        """Requeue everything a node's processes hold and forget the node (after commit)."""
+        node.leaving = True  # no dispatch to it from here on, even in this iteration
+        for slot in node.slots.values():
+            self._release(batch, it, slot, slot.leases.items())
+        it.after_commit.append(lambda: self.workers.remove(node))
 
     def _on_lost(self, batch, it, identity, body, now, mono):
         """A node reports that one of its pool processes died: its deliveries go elsewhere now."""
@@ -90,12 +103,14 @@ class Leasing:
         if node is None:
             return self._unknown(it, identity, body)
         info = P.decode(body[0]) if body else {}
-        key = f"{node.node_id}/{info.get('index')}"
+        index = P.check_int(info.get("index"), "index")
+        key = f"{node.node_id}/{index}"
         for lease in [lease for lease in self.orphans.values() if lease.node == key]:
             self._requeue(batch, lease.task_id, lease.token)  # it died before re-joining
             del self.orphans[lease.task_id]
-        slot = node.slots.get(info.get("index"))
+        slot = node.slots.get(index)
         if slot is not None:
+            slot.leaving = True  # not a dispatch target any more, even in this iteration
             log.warning("pool process %s died (%s); %d task(s) redelivered", slot.key,
                         info.get("reason", "?"), len(slot.leases))
             self._release(batch, it, slot, slot.leases.items())
@@ -103,13 +118,11 @@ class Leasing:
 
     def evict_silent(self, batch, it, mono):
         for node in self.workers.expired(mono):
-            leases = node.leases()
             log.warning("worker node %s silent for %.1fs: evicted, %d task(s) redelivered",
-                        node.node_id, mono - node.last_seen, len(leases))
-            for slot in node.slots.values():
-                self._release(batch, it, slot, slot.leases.items())
-            it.after_commit.append(lambda node=node: self.workers.remove(node))
+                        node.node_id, mono - node.last_seen, len(node.leases()))
+            self._leave(batch, it, node)
         for slot in self.unreachable_slots:
+            slot.leaving = True
             self._release(batch, it, slot, slot.leases.items())
             it.after_commit.append(lambda slot=slot: self.workers.remove_slot(slot))
         self.unreachable_slots = set()
@@ -128,12 +141,12 @@ class Leasing:
     # -- pool processes ----------------------------------------------------------------------
     def _on_join(self, batch, it, identity, body, now, mono):
         info = P.decode(body[0]) if body else {}
-        node = self.workers.node_by_id(info.get("node"))
+        node = self.workers.node_by_id(P.check_name(info.get("node"), "node id"))
         index, capacity, held = info.get("index"), info.get("capacity"), info.get("held", [])
-        if not (isinstance(index, int) and isinstance(capacity, int) and capacity > 0
+        if not (P.check_int(index, "index") >= 0 and P.check_int(capacity, "capacity") > 0
                 and isinstance(held, list)):
-            raise ProtocolError("JOIN needs integer index and capacity and a held list")
-        if node is None:
+            raise ProtocolError("JOIN needs a pool index >= 0, a capacity > 0 and a held list")
+        if node is None or node.leaving:
             return self._unknown(it, identity, body)
         slot, previous = self.workers.join(identity, node, index, capacity)
         # What the process says it holds is adopted; what we thought it held but it does not is
@@ -142,7 +155,7 @@ class Leasing:
         for lease in [lease for lease in self.orphans.values() if lease.node == slot.key]:
             candidates[lease.token] = lease.task_id
             del self.orphans[lease.task_id]
-        held_tokens = {t for t in held if isinstance(t, int)}
+        held_tokens = set(P.int_list(held))
         adopted = {t: tid for t, tid in candidates.items() if t in held_tokens}
         slot.leases.update(adopted)
         self._release(batch, it, slot, [(t, tid) for t, tid in candidates.items() if t not in adopted],
@@ -165,7 +178,7 @@ class Leasing:
         if isinstance(held, list) and isinstance(seen, int):
             # A delivery the process has seen past but does not hold was lost on the way (a
             # dropped connection): give it to someone else rather than wait forever.
-            held = set(held)
+            held = set(P.int_list(held))
             lost = [(t, tid) for t, tid in slot.leases.items() if t <= seen and t not in held]
             if lost:
                 log.warning("pool process %s lost %d delivery(ies) in transit; requeued", slot.key, len(lost))
@@ -277,4 +290,4 @@ class Leasing:
 
 
 def _tokens(value):
-    return {t for t in value if isinstance(t, int)} if isinstance(value, list) else set()
+    return set(P.int_list(value))

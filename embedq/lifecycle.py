@@ -11,8 +11,10 @@ _PR_SET_PDEATHSIG = 1
 def die_with_parent(sig=signal.SIGTERM, parent_pid=None):
     """Ask Linux to send ``sig`` to this process when its parent dies (even by kill -9).
 
-    Elsewhere this is a no-op and the loops fall back to :func:`parent_gone`. If the parent is
-    already gone (it died before we got here), exit at once.
+    Linux sends it when the parent *thread* that started us exits, so this is only for children
+    started by a process's main thread (pool processes of a worker node). The broker and the
+    node of ``embedq.start()``, which any thread may call, poll :func:`parent_gone` instead.
+    Elsewhere this is a no-op. If the parent is already gone, exit at once.
     """
     if sys.platform.startswith("linux"):
         try:

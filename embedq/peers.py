@@ -9,7 +9,8 @@ a node that falls silent takes all its slots with it.
 
 
 class Node:
-    __slots__ = ("identity", "node_id", "queues", "slots", "last_seen", "last_sent", "info", "running")
+    __slots__ = ("identity", "node_id", "queues", "slots", "last_seen", "last_sent", "info", "running",
+                 "leaving")
 
     def __init__(self, identity, node_id, queues, now, info=None):
         self.identity = identity
@@ -22,6 +23,8 @@ class Node:
         self.info = info or {}
         #: delivery tokens its pool processes are running (from READY and node heartbeats)
         self.running = set()
+        #: evicted or gone: its leases are being requeued and it gets no more work
+        self.leaving = False
 
     def leases(self):
         return [(slot, token, task_id) for slot in self.slots.values()
@@ -34,7 +37,7 @@ class Node:
 class Slot:
     """One pool process, addressed by the routing id of its current socket."""
 
-    __slots__ = ("identity", "node", "index", "key", "capacity", "leases")
+    __slots__ = ("identity", "node", "index", "key", "capacity", "leases", "leaving")
 
     def __init__(self, identity, node, index, capacity):
         self.identity = identity
@@ -46,6 +49,8 @@ class Slot:
         self.capacity = capacity
         #: token -> task id of every delivery this process holds
         self.leases = {}
+        #: died or unreachable: no more work for it
+        self.leaving = False
 
     @property
     def credit(self):
@@ -86,6 +91,9 @@ class WorkerTable:
         previous = self.by_node_id.get(node_id)
         if previous is not None:
             self.remove(previous)
+        renamed = self.nodes.get(identity)
+        if renamed is not None:  # this socket registered before under another node id
+            self.remove(renamed)
         node = Node(identity, node_id, queues, now, info)
         self.nodes[identity] = node
         self.by_node_id[node_id] = node
@@ -102,11 +110,13 @@ class WorkerTable:
         return slot, previous
 
     def remove(self, node):
-        self.nodes.pop(node.identity, None)
+        if self.nodes.get(node.identity) is node:
+            del self.nodes[node.identity]
         if self.by_node_id.get(node.node_id) is node:
             del self.by_node_id[node.node_id]
         for slot in node.slots.values():
-            self.slots.pop(slot.identity, None)
+            if self.slots.get(slot.identity) is slot:
+                del self.slots[slot.identity]
 
     def remove_slot(self, slot):
         self.slots.pop(slot.identity, None)
@@ -124,7 +134,8 @@ class WorkerTable:
     def with_credit(self, queue_has_work):
         """Slots that can take more work from a non-empty queue, most free credit first."""
         slots = [s for s in self.slots.values()
-                 if s.credit > 0 and any(queue_has_work(q) for q in s.node.queues)]
+                 if s.credit > 0 and not s.leaving and not s.node.leaving
+                 and any(queue_has_work(q) for q in s.node.queues)]
         slots.sort(key=lambda s: s.credit, reverse=True)
         return slots
 

@@ -38,8 +38,10 @@ DISCONNECT = b"DISCONNECT"  # {"reason"}: "I do not know you / you broke protoco
 CLIENT_COMMANDS = frozenset({SUBMIT, WAIT, STATUS, FORGET})
 WORKER_COMMANDS = frozenset({READY, JOIN, LOST, HEARTBEAT, RESULT, DISCONNECT})
 
-#: Longest accepted task id, queue or task name (characters).
+#: Longest accepted task id, queue, task or node name, in UTF-8 bytes (LMDB keys stop at 511).
 MAX_NAME_LENGTH = 255
+#: Largest accepted eta/expires (seconds since the epoch; about the year 33658).
+MAX_TIMESTAMP = 1e12
 #: Priorities run 0..MAX_PRIORITY; higher runs sooner.
 MAX_PRIORITY = 255
 
@@ -56,8 +58,8 @@ def decode(frame):
     """Parse a JSON control frame that must be an object, or raise ProtocolError."""
     try:
         obj = _decode(frame.decode())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"control frame is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"control frame is not JSON: {str(exc)[:100]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("control frame must be a JSON object")
     return obj
@@ -82,9 +84,27 @@ def pairs(body, width=2):
 
 
 def check_name(value, field):
-    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH or "\0" in value:
-        raise ProtocolError(f"{field} must be a non-empty string of at most {MAX_NAME_LENGTH} characters")
+    """A name the store can use as (part of) a key: valid UTF-8, no NUL, 1..255 bytes."""
+    try:
+        size = len(value.encode()) if isinstance(value, str) else 0
+    except UnicodeEncodeError:  # a lone surrogate from JSON's \ud800
+        size = 0
+    if not 0 < size <= MAX_NAME_LENGTH or "\0" in value:
+        raise ProtocolError(f"{field} must be a non-empty UTF-8 string of at most {MAX_NAME_LENGTH} bytes")
     return value
+
+
+def check_int(value, field):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{field} must be an integer")
+    return value
+
+
+def int_list(value):
+    """The integers in an untrusted JSON list (anything else is ignored)."""
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
 
 
 def check_ids(obj, field="ids"):
@@ -96,10 +116,12 @@ def check_ids(obj, field="ids"):
     return ids
 
 
-def _optional_number(value, field):
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return value
-    raise ProtocolError(f"{field} must be a number or null")
+def _optional_time(value, field):
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_TIMESTAMP:
+        return value  # (NaN fails the comparison too)
+    raise ProtocolError(f"{field} must be null or seconds since the epoch (0..{MAX_TIMESTAMP:.0e})")
 
 
 class TaskHeader(NamedTuple):
@@ -125,8 +147,8 @@ class TaskHeader(NamedTuple):
             task=check_name(obj.get("task"), "task name"),
             queue=check_name(obj.get("queue"), "queue"),
             priority=priority,
-            eta=_optional_number(obj.get("eta"), "eta"),
-            expires=_optional_number(obj.get("expires"), "expires"),
+            eta=_optional_time(obj.get("eta"), "eta"),
+            expires=_optional_time(obj.get("expires"), "expires"),
             notify=bool(obj.get("notify", True)),
             reply_to=obj.get("reply_to") if isinstance(obj.get("reply_to"), str) else None,
         )
@@ -142,9 +164,7 @@ class ResultHeader(NamedTuple):
     @classmethod
     def parse(cls, frame):
         obj = decode(frame)
-        token = obj.get("token")
-        if not isinstance(token, int) or isinstance(token, bool):
-            raise ProtocolError("result token must be an integer")
+        token = check_int(obj.get("token"), "result token")
         state = obj.get("state")
         if not isinstance(state, str):
             raise ProtocolError("result state must be a string")

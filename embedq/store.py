@@ -10,7 +10,8 @@ Named databases and their keys (integers are big-endian so byte order is numeric
     leases     id                                  -> token u64 | since_us u64 | node id
                delivered to a worker node; the token names this delivery, so a late result from
                an evicted node is recognised and discarded
-    results    id                                  -> hlen u32 | header JSON | payload
+    results    id                                  -> expires_us u64 | hlen u32 | header JSON | payload
+               (expires_us 0: kept forever)
     expiry     expires_us u64 | id                 -> b""   (result clean-up order)
     meta       b"seq" -> u64 (last sequence number / delivery token); b"version" -> b"1"
 
@@ -266,6 +267,7 @@ class Batch:
 
     # -- leases ----------------------------------------------------------------------------
     def lease(self, task_id, token, node, now):
+        self.dirty = True
         self.txn.put(task_id.encode(), _LEASE.pack(token, _us(now)) + node.encode(), db=self.db["leases"])
 
     def get_lease(self, task_id):
@@ -279,18 +281,24 @@ class Batch:
         key = task_id.encode()
         self.txn.delete(key, db=self.db["tasks"])
         self.txn.delete(key, db=self.db["leases"])
-        self.txn.put(key, join_record(raw_header, payload), db=self.db["results"])
+        expires = _U64.pack(_us(expires_at) if expires_at is not None else 0)
+        self.txn.put(key, expires + join_record(raw_header, payload), db=self.db["results"])
         if expires_at is not None:
-            self.txn.put(_U64.pack(_us(expires_at)) + key, b"", db=self.db["expiry"])
+            self.txn.put(expires + key, b"", db=self.db["expiry"])
 
     def result(self, task_id):
         value = self.txn.get(task_id.encode(), db=self.db["results"])
-        return None if value is None else split_record(value)
+        return None if value is None else split_record(value, 8)
 
     def forget(self, task_id):
-        """Drop a stored result (its expiry entry is cleaned when it comes due)."""
+        """Drop a stored result and its expiry entry."""
+        key = task_id.encode()
+        value = self.txn.get(key, db=self.db["results"])
+        if value is None:
+            return False
         self.dirty = True
-        return self.txn.delete(task_id.encode(), db=self.db["results"])
+        self.txn.delete(value[:8] + key, db=self.db["expiry"])
+        return self.txn.delete(key, db=self.db["results"])
 
     def expire_results(self, now, limit=1000):
         cursor = self.txn.cursor(db=self.db["expiry"])
@@ -303,7 +311,9 @@ class Batch:
             if not key or key[:8] > bound:
                 break
             self.dirty = True
-            self.txn.delete(key[8:], db=self.db["results"])
+            value = self.txn.get(key[8:], db=self.db["results"])
+            if value is not None and value[:8] == key[:8]:  # not a newer result under that id
+                self.txn.delete(key[8:], db=self.db["results"])
             cursor.delete()
             removed += 1
         return removed

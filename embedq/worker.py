@@ -185,10 +185,10 @@ class WorkerNode:
 
 def run(app, broker_url, *, parent_pid=None, **options):
     """Serve until SIGTERM/SIGINT (or the parent dies, when started by ``embedq.start``)."""
-    from .lifecycle import StopFlag, die_with_parent, parent_gone
+    from .lifecycle import StopFlag, parent_gone
 
-    if parent_pid is not None:
-        die_with_parent(parent_pid=parent_pid)
+    if parent_gone(parent_pid):  # it died before we got here
+        return
     stop = StopFlag()
     node = WorkerNode(app, broker_url, **options)
     node.serve(lambda: stop or parent_gone(parent_pid))
