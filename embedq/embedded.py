@@ -32,7 +32,6 @@ import threading
 import time
 import uuid
 
-import zmq
 
 from . import protocol as P
 from . import serialize, states

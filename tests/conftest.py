@@ -13,7 +13,6 @@ import time
 import psutil
 import pytest
 
-import embedq
 from embedq.embedded import start_broker_process
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
