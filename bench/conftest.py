@@ -14,7 +14,7 @@ module-scoped fixture parametrised by durability, and pytest finishes every test
 
 Sizes can be shrunk for a quick check (the README's figures use the defaults):
 ``BENCH_TASKS`` (20000), ``BENCH_TRIPS`` (2000), ``BENCH_THREADS`` (16), ``BENCH_ROUNDS`` (3, the
-most rounds of a throughput case), ``BENCH_CASE_SECONDS`` (25, the time one throughput case aims
+most rounds of a throughput case), ``BENCH_CASE_SECONDS`` (15, the time one throughput case aims
 to stay under: a slow case runs fewer rounds). Data dirs go under ``BENCH_TMPDIR`` (default: the
 system temp dir; it must be a real disk, not tmpfs, or fsync costs nothing) and are removed.
 """

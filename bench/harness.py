@@ -7,11 +7,11 @@ N_TASKS = int(os.environ.get("BENCH_TASKS", 20_000))
 N_TRIPS = int(os.environ.get("BENCH_TRIPS", 2_000))
 N_THREADS = int(os.environ.get("BENCH_THREADS", 16))
 MAX_ROUNDS = int(os.environ.get("BENCH_ROUNDS", 3))
-CASE_SECONDS = float(os.environ.get("BENCH_CASE_SECONDS", 25))
+CASE_SECONDS = float(os.environ.get("BENCH_CASE_SECONDS", 15))
 WORKERS = 2
 #: Round trips and batch size run by each fixture before its first measurement.
 WARMUP_TRIPS = 300
-WARMUP_BATCH = 2_000
+WARMUP_BATCH = 1_000
 
 PPE = "ProcessPoolExecutor(2)"
 POOL = "multiprocessing.Pool(2)"
@@ -48,6 +48,7 @@ def measure_latency(benchmark, one_trip, *, system, durability="-", label=None, 
         "p99_us": round(percentile(times, 0.99) * 1e6, 1),
         "mean_us": round(sum(times) / len(times) * 1e6, 1),
         "max_us": round(times[-1] * 1e6, 1),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     })
     return times
 
@@ -82,4 +83,5 @@ def measure_throughput(benchmark, run, *, system, label, durability="-", tasks=N
         "tasks_per_s": round(tasks / median),
         "best_tasks_per_s": round(tasks / ordered[0]),
         "round_seconds": [round(s, 3) for s in elapsed],
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     })

@@ -29,28 +29,34 @@ def _fmt(value, digits=0):
     return f"{value:,.{digits}f}"
 
 
+def _load(row):
+    """1-minute load average when the case finished (2 CPUs: above ~2 means others were busy too)."""
+    value = row.get("loadavg_1m")
+    return "-" if value is None else f"{value:.1f}"
+
+
 def latency_table(rows):
     rows = [r for r in rows if r["kind"] == "latency"]
     base = next((r for r in rows if r["system"] == PPE), None)
-    lines = ["| Round trip of one no-op task | p50 (µs) | p99 (µs) | mean (µs) | p50 vs PPE | p99 vs PPE |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| Round trip of one no-op task | p50 (µs) | p99 (µs) | mean (µs) | p50 vs PPE | p99 vs PPE | load |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio50 = f"{r['p50_us'] / base['p50_us']:.2f}x" if base else "-"
         ratio99 = f"{r['p99_us'] / base['p99_us']:.2f}x" if base else "-"
         lines.append(f"| {r['label']} | {_fmt(r['p50_us'])} | {_fmt(r['p99_us'])} | "
-                     f"{_fmt(r['mean_us'])} | {ratio50} | {ratio99} |")
+                     f"{_fmt(r['mean_us'])} | {ratio50} | {ratio99} | {_load(r)} |")
     return lines, rows, base
 
 
 def throughput_table(rows):
     rows = [r for r in rows if r["kind"] == "throughput"]
     base = next((r for r in rows if r["system"] == PPE), None)
-    lines = ["| Throughput, no-op tasks | tasks | rounds | tasks/s (median) | tasks/s (best) | vs PPE (median) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| Throughput, no-op tasks | tasks | rounds | tasks/s (median) | tasks/s (best) | vs PPE (median) | load |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r['tasks_per_s'] / base['tasks_per_s']:.2f}x" if base else "-"
         lines.append(f"| {r['label']} | {_fmt(r['tasks'])} | {r['rounds']} | {_fmt(r['tasks_per_s'])} | "
-                     f"{_fmt(r['best_tasks_per_s'])} | {ratio} |")
+                     f"{_fmt(r['best_tasks_per_s'])} | {ratio} | {_load(r)} |")
     return lines, rows, base
 
 
