@@ -153,7 +153,9 @@ class Broker:
             self.store.grow_to_fit()
             self.refuse_submits = self._nearly_full()
         refuse_submits = self.refuse_submits
+        next_due = self.next_due  # memory an aborted attempt changed is put back before a retry
         for _attempt in range(3 + len(messages)):
+            self.next_due = next_due
             it = Iteration()
             batch = self.store.begin()
             try:
@@ -304,11 +306,12 @@ class Broker:
         it.send(identity, P.ACK, P.encode({"req": control.get("req"), "ok": len(control["ids"])}))
 
     def _settled(self, batch, it, header, raw, payload):
-        """A lease holder's final result: store it (or requeue a LOST task) and tell waiters."""
+        """A lease holder's final result: store it and (after the commit) tell the waiters."""
         expires = None if self.result_expires is None else self.clock() + self.result_expires
         batch.settle(header.id, raw, payload, expires)
-        for client in self.waiters.pop(header.id, ()):
+        for client in self.waiters.get(header.id, ()):
             it.add(client, P.RESULT, raw, payload)
+        it.after_commit.append(lambda: self.waiters.pop(header.id, None))
 
     def _busy(self):
         in_flight = 0

@@ -115,7 +115,7 @@ class PoolWorker:
                 wait = 0
             else:
                 wait = self.heartbeat
-            if self.finished and (not self.backlog or len(self.finished) >= RESULT_BATCH):
+            if self.finished and (not self.backlog or len(self.finished) >= 2 * RESULT_BATCH):
                 self._send(P.RESULT, *self.finished)  # one message for a run of short tasks
                 self.finished = []
             if not self._poll(wait):

@@ -10,6 +10,7 @@ import json
 from typing import NamedTuple
 
 from .errors import ProtocolError
+from .states import READY_STATES as FINAL_STATES
 
 #: Version frame; a peer speaking anything else is sent DISCONNECT.
 PROTOCOL = b"EQ1"
@@ -20,7 +21,7 @@ WAIT = b"WAIT"          # {"ids"}                         -> RESULT / STATE as e
 STATUS = b"STATUS"      # {"req", "ids"}                  -> STATE
 FORGET = b"FORGET"      # {"req", "ids"}                  -> ACK
 # broker -> client
-ACK = b"ACK"            # {"req", "accepted", "duplicates", "error"?}
+ACK = b"ACK"            # {"req", "ok": count accepted, "dup": [ids], "error"?, "message"?}
 RESULT = b"RESULT"      # (result header, payload)*  (also worker -> broker)
 STATE = b"STATE"        # {"req"?, "states": {id: {"state", ...}}}
 # worker node (supervisor) <-> broker
@@ -139,7 +140,8 @@ class TaskHeader(NamedTuple):
     @classmethod
     def parse(cls, frame):
         obj = decode(frame)
-        priority = obj.get("priority") or 0
+        priority = obj.get("priority")
+        priority = 0 if priority is None else priority
         if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= MAX_PRIORITY:
             raise ProtocolError(f"priority must be an integer 0..{MAX_PRIORITY}")
         return cls(
@@ -166,6 +168,6 @@ class ResultHeader(NamedTuple):
         obj = decode(frame)
         token = check_int(obj.get("token"), "result token")
         state = obj.get("state")
-        if not isinstance(state, str):
-            raise ProtocolError("result state must be a string")
+        if state not in FINAL_STATES:
+            raise ProtocolError(f"result state must be one of {sorted(FINAL_STATES)}")
         return cls(id=check_name(obj.get("id"), "task id"), token=token, state=state)

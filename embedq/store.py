@@ -30,7 +30,7 @@ from collections import Counter
 
 import lmdb
 
-from .errors import DataDirLocked, StorageFull
+from .errors import ConfigurationError, DataDirLocked, StorageFull
 from .protocol import TaskHeader
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 INITIAL_MAP_SIZE = 64 << 20
 #: Grow the map before a transaction when more than this fraction of it is in use.
 GROW_THRESHOLD = 0.6
-SCHEMA_VERSION = b"1"
+#: Layout version in ``meta``; a directory written with another layout is refused.
+SCHEMA_VERSION = b"2"
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -89,8 +90,15 @@ class Store:
         with self.env.begin(write=True) as txn:
             meta = self.db["meta"]
             txn.put(b"version", SCHEMA_VERSION, db=meta, overwrite=False)
+            found = txn.get(b"version", db=meta)
             raw = txn.get(b"seq", db=meta)
             self.seq = _U64.unpack(raw)[0] if raw else 0
+        if found != SCHEMA_VERSION:
+            self.close()
+            raise ConfigurationError(
+                f"data dir {path!r} has store layout {found.decode()!r}; this embedq writes "
+                f"{SCHEMA_VERSION.decode()!r}: drain it with the embedq that wrote it, or use a "
+                "new --data-dir")
         #: ready tasks per queue, so dispatch skips empty queues without touching LMDB
         self.ready_counts = self._count_ready()
 

@@ -48,10 +48,13 @@ def take(store, queue="celery", limit=100):
     return [task_id for task_id, _, _ in taken]
 
 
-def lease(store, task_id, token, node="node-1", now=NOW):
+def lease(store, task_id, node="node-1", now=NOW):
+    """Lease a task as the broker does: a fresh delivery token from the sequence, then the row."""
     batch = store.begin()
+    token = batch.next_seq()
     batch.lease(task_id, token, node, now)
     batch.commit()
+    return token
 
 
 def result_header(task_id, token=1, state="SUCCESS"):
@@ -128,7 +131,7 @@ def test_duplicate_within_one_batch(store):
 def test_duplicate_of_a_leased_task_is_refused(store):
     add(store, "running")
     assert take(store) == ["running"]
-    lease(store, "running", 99)
+    lease(store, "running")
     assert add(store, "running") is False
     assert take(store) == []
 
@@ -232,6 +235,29 @@ def test_seq_numbers_only_advance_on_commit(store):
     assert store.seq == committed + 1
 
 
+def test_an_idle_batch_commits_nothing(store):
+    add(store, "a")
+    before = store.env.info()["last_txnid"]
+    batch = store.begin()
+    assert batch.take_ready("other", 10) == [] and batch.result("a") is None
+    batch.promote_due(NOW)
+    batch.expire_results(NOW)
+    batch.commit()  # nothing was written: no LMDB commit (and no fsync) at all
+    assert store.env.info()["last_txnid"] == before
+    assert take(store) == ["a"]
+    assert store.env.info()["last_txnid"] == before + 1
+
+
+def test_a_batch_that_only_leases_is_committed(store):
+    """Every write marks the batch dirty; an unmarked one would be dropped by commit()."""
+    add(store, "t")
+    take(store)
+    batch = store.begin()
+    batch.lease("t", 123, "node/0", NOW)
+    batch.commit()
+    assert read(store, "has_lease", "t")
+
+
 def test_a_stale_ready_entry_is_skipped(store):
     add(store, "gone")
     add(store, "kept")
@@ -245,12 +271,12 @@ def test_a_stale_ready_entry_is_skipped(store):
 def test_lease_round_trip(store):
     add(store, "t")
     take(store)
-    lease(store, "t", 42, node="worker@h#1.ab", now=NOW)
+    token = lease(store, "t", node="worker@h#1.ab/0", now=NOW)
     found = read(store, "get_lease", "t")
-    assert (found.task_id, found.token, found.node) == ("t", 42, "worker@h#1.ab")
+    assert (found.task_id, found.token, found.node) == ("t", token, "worker@h#1.ab/0")
     assert found.since == pytest.approx(NOW, abs=1e-5)
     assert read(store, "has_lease", "t")
-    assert [(l.task_id, l.token) for l in store.leases()] == [("t", 42)]
+    assert [(l.task_id, l.token) for l in store.leases()] == [("t", token)]
     assert read(store, "get_lease", "other") is None
 
 
@@ -258,7 +284,7 @@ def test_requeue_puts_a_task_back_at_its_original_place(store):
     for task_id in ("first", "second", "third"):
         add(store, task_id)
     assert take(store, limit=1) == ["first"]
-    lease(store, "first", 10)
+    lease(store, "first")
     add(store, "fourth")
     batch = store.begin()
     assert batch.requeue("first") is True
@@ -272,7 +298,7 @@ def test_requeue_keeps_priority_and_queue(store):
     add(store, "plain", queue="q")
     add(store, "urgent", queue="q", priority=50)
     assert take(store, "q", limit=1) == ["urgent"]
-    lease(store, "urgent", 1)
+    lease(store, "urgent")
     add(store, "urgent-later", queue="q", priority=50)
     batch = store.begin()
     batch.requeue("urgent")
@@ -284,7 +310,7 @@ def test_requeue_keeps_priority_and_queue(store):
 def test_requeue_of_a_settled_task_only_drops_the_lease(store):
     add(store, "t")
     take(store)
-    lease(store, "t", 5)
+    lease(store, "t")
     batch = store.begin()
     batch.txn.delete(b"t", db=store.db["tasks"])  # the task record is gone (settled elsewhere)
     assert batch.requeue("t") is False
@@ -297,8 +323,8 @@ def test_requeue_of_a_settled_task_only_drops_the_lease(store):
 def test_settle_removes_task_and_lease_and_stores_the_result(store):
     add(store, "t")
     take(store)
-    lease(store, "t", 7)
-    raw = settle(store, "t", payload=b"\x80pickled", expires_at=NOW + 60, token=7)
+    token = lease(store, "t")
+    raw = settle(store, "t", payload=b"\x80pickled", expires_at=NOW + 60, token=token)
     assert read(store, "task", "t") is None
     assert not read(store, "has_lease", "t") and store.leases() == []
     assert read(store, "result", "t") == (raw, b"\x80pickled")
@@ -341,15 +367,14 @@ def test_expire_results_after_forget_is_harmless(store):
     batch.forget("t")
     batch.commit()
     batch = store.begin()
-    assert batch.expire_results(NOW + 2) == 1  # the orphaned expiry entry is cleaned up
+    batch.expire_results(NOW + 2)  # an expiry entry left by forget() is cleaned up when due
     batch.commit()
-    assert raw_items(store, "expiry") == []
+    assert raw_items(store, "expiry") == [] and raw_items(store, "results") == []
+    assert add(store, "t") is True
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Batch.forget leaves the old expiry entry behind; if the id is submitted and settled again, "
-    "expire_results deletes the new result at the old result's expiry time"))
 def test_a_resubmitted_result_lives_its_own_lifetime(store):
+    """forget() removes the expiry entry too, so an old entry cannot delete a newer result."""
     add(store, "again")
     settle(store, "again", payload=b"old", expires_at=NOW + 10)
     batch = store.begin()
@@ -420,7 +445,7 @@ def test_everything_survives_close_and_reopen(data_dir):
     add(store, "scheduled", eta=NOW + 100)
     add(store, "leased")
     assert take(store, limit=1) == ["queued"]
-    lease(store, "queued", 77, node="n1")
+    token = lease(store, "queued", node="n1/0")
     add(store, "done", queue="other")
     assert take(store, "other") == ["done"]
     raw = settle(store, "done", payload=b"value", expires_at=NOW + 60)
@@ -431,7 +456,7 @@ def test_everything_survives_close_and_reopen(data_dir):
     try:
         assert store.seq == seq
         assert store.ready_counts == {"celery": 2}  # counted from the ready index at open
-        assert [(l.task_id, l.token, l.node) for l in store.leases()] == [("queued", 77, "n1")]
+        assert [(l.task_id, l.token, l.node) for l in store.leases()] == [("queued", token, "n1/0")]
         assert read(store, "result", "done") == (raw, b"value")
         assert read(store, "next_due") == pytest.approx(NOW + 100, abs=1e-5)
         batch = store.begin()
@@ -455,8 +480,10 @@ def test_durability_modes_set_lmdb_sync_flags(tmp_path):
 
 
 def test_schema_version_is_recorded(store):
+    from embedq.store import SCHEMA_VERSION
+
     with store.env.begin() as txn:
-        assert txn.get(b"version", db=store.db["meta"]) == b"1"
+        assert txn.get(b"version", db=store.db["meta"]) == SCHEMA_VERSION
     add(store, "x")
     with store.env.begin() as txn:
         assert struct.unpack(">Q", txn.get(b"seq", db=store.db["meta"]))[0] == store.seq
@@ -475,12 +502,17 @@ def test_key_layout_matches_the_documented_schema(store):
     _, raw = make_header("t1", queue="q", priority=5)
     assert tasks[b"t1"] == struct.pack(">QI", seq1, len(raw)) + raw + b"payload"
     take(store, "q")
-    lease(store, "t1", 12345, node="nd", now=NOW)
+    token = lease(store, "t1", node="nd/3", now=NOW)
     (lease_key, lease_value), = raw_items(store, "leases")
     assert lease_key == b"t1"
-    assert lease_value == struct.pack(">QQ", 12345, int(NOW * 1e6)) + b"nd"
-    raw_result = settle(store, "t1", payload=b"R")
-    assert dict(raw_items(store, "results"))[b"t1"] == struct.pack(">I", len(raw_result)) + raw_result + b"R"
+    assert lease_value == struct.pack(">QQ", token, int(NOW * 1e6)) + b"nd/3"
+    raw_result = settle(store, "t1", payload=b"R", expires_at=NOW + 5)
+    assert dict(raw_items(store, "results"))[b"t1"] == (
+        struct.pack(">QI", int((NOW + 5) * 1e6), len(raw_result)) + raw_result + b"R")
+    assert raw_items(store, "expiry") == [(struct.pack(">Q", int((NOW + 5) * 1e6)) + b"t1", b"")]
+    add(store, "t2")
+    kept = settle(store, "t2", payload=b"", expires_at=None)  # kept forever: expires_us 0
+    assert dict(raw_items(store, "results"))[b"t2"] == struct.pack(">QI", 0, len(kept)) + kept
 
 
 def test_record_helpers_round_trip():
@@ -646,3 +678,71 @@ def test_grow_stops_at_max_size(small_map, data_dir):
         assert take(store, limit=1000) != []  # and the full store still works (reads, deletes)
     finally:
         store.close()
+
+
+def test_expiry_of_an_overwritten_result_spares_the_newer_one(store):
+    add(store, "twice")
+    settle(store, "twice", payload=b"first", expires_at=NOW + 10)
+    settle(store, "twice", payload=b"second", expires_at=NOW + 100)  # same id settled again
+    batch = store.begin()
+    assert batch.expire_results(NOW + 50) == 1  # the stale entry goes, the result stays
+    batch.commit()
+    assert read(store, "result", "twice")[1] == b"second"
+    batch = store.begin()
+    batch.expire_results(NOW + 100)
+    batch.commit()
+    assert read(store, "result", "twice") is None and raw_items(store, "expiry") == []
+
+
+# -- the broker loop's use of the store ----------------------------------------------------------
+def test_map_full_retry_does_not_lose_due_tasks(tmp_path, monkeypatch):
+    import zmq
+
+    from embedq.broker import Broker
+
+    clock = [NOW]
+    context = zmq.Context()
+    broker = Broker(str(tmp_path / "data"), "tcp://127.0.0.1:0", durability="process",
+                    heartbeat=0.2, clock=lambda: clock[0], context=context)
+    client = context.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(broker.endpoint)
+    try:
+        header, raw = make_header("later", queue="q", eta=NOW + 10)
+        client.send_multipart([P.PROTOCOL, P.SUBMIT, P.encode({"req": 1}), raw, b"payload"])
+        while not client.poll(0):
+            broker.poll_once(max_wait=0.05)
+        assert P.decode(client.recv_multipart()[2])["ok"] == 1
+        assert broker.store.ready_counts["q"] == 0  # scheduled, not ready
+
+        clock[0] = NOW + 20  # now it is due
+        real_commit = store_module.Batch.commit
+        failures = []
+
+        def commit_once_map_full(batch):  # LMDB may report MDB_MAP_FULL at commit
+            if batch.dirty and not failures:
+                failures.append(1)
+                raise lmdb.MapFullError("simulated: map full at commit")
+            return real_commit(batch)
+
+        monkeypatch.setattr(store_module.Batch, "commit", commit_once_map_full)
+        for _ in range(5):
+            broker.poll_once(max_wait=0.01)
+        assert failures == [1]
+        assert broker.store.ready_counts["q"] == 1, "the due task was never promoted"
+    finally:
+        client.close(linger=0)
+        broker.close()
+        context.destroy(linger=0)
+
+
+def test_a_data_dir_of_another_layout_is_refused_with_the_fix(tmp_path):
+    from embedq.errors import ConfigurationError
+
+    first = Store(str(tmp_path / "old"), durability="process")
+    with first.env.begin(write=True) as txn:
+        txn.put(b"version", b"0", db=first.db["meta"])
+    first.close()
+    with pytest.raises(ConfigurationError, match="new --data-dir"):
+        Store(str(tmp_path / "old"), durability="process")
+    store_module._lock_data_dir(str(tmp_path / "old")).close()  # the refusal released the lock
