@@ -207,7 +207,7 @@ class Broker:
             try:
                 send_frames(sock, [identity, *frames])
             except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or not keeping up
-                if not self.leasing.unreachable(identity):
+                if not self.leasing.unreachable(identity, exc):
                     log.debug("dropped a reply to a departed client: %s", exc)
         nodes = self.leasing.workers.nodes
         for identity, _ in outgoing + it.sends:

@@ -264,17 +264,18 @@ class Leasing:
         return taken
 
     # -- liveness ------------------------------------------------------------------------------
-    def unreachable(self, identity):
+    def unreachable(self, identity, error=None):
         """A send to ``identity`` failed (ROUTER_MANDATORY: the peer is gone). Its leases are
         requeued next iteration: a node's by eviction, a pool process's on its own."""
         node = self.workers.node(identity)
         if node is not None:
-            log.warning("cannot reach worker node %s: evicting", node.node_id)
+            log.warning("cannot reach worker node %s (%s): evicting", node.node_id, error)
             node.last_seen = float("-inf")
             return True
         slot = self.workers.slot(identity)
         if slot is not None:
-            log.warning("cannot reach pool process %s: its deliveries will be redelivered", slot.key)
+            log.warning("cannot reach pool process %s (%s): its deliveries will be redelivered",
+                        slot.key, error)
             self.unreachable_slots.add(slot)
             return True
         return False
