@@ -69,7 +69,9 @@ class Iteration:
         self.sends = []                                  # (identity, frames)
         self.batched = defaultdict(list)                 # (identity, command) -> body frames
         self.after_commit = []                           # callables
-        self.dispatched = defaultdict(int)               # node -> tasks given this iteration
+        #: slot -> credit change this iteration: + leases settled or requeued, - tasks delivered
+        #: (slot.leases itself changes only after the commit)
+        self.credit = defaultdict(int)
 
     def send(self, identity, command, *body):
         self.sends.append((identity, P.message(command, *body)))

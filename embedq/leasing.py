@@ -198,6 +198,7 @@ class Leasing:
                          header.id, slot.key, header.token)
                 continue
             it.after_commit.append(lambda t=header.token: slot.leases.pop(t, None))
+            it.credit[slot] += 1  # the slot can take another task in this very iteration
             self.on_settled(batch, it, header, raw, payload)
         it.add(identity, P.SETTLED, *settled)
 
@@ -210,6 +211,7 @@ class Leasing:
         if forget and leases:
             tokens = [token for token, _ in leases]
             it.after_commit.append(lambda: [slot.leases.pop(t, None) for t in tokens])
+            it.credit[slot] += len(tokens)
 
     def _requeue(self, batch, task_id, token):
         lease = batch.get_lease(task_id)
@@ -227,17 +229,17 @@ class Leasing:
         def ready(queue):
             return counts[queue] + delta[queue] > 0
 
-        slots = self.workers.with_credit(ready)
+        slots = self.workers.with_credit(ready, it.credit)
         while slots:
             queues = {q for s in slots for q in s.queues}
             share = max(1, sum(counts[q] + delta[q] for q in queues) // len(slots))
             still_hungry = []
             for slot in slots:
-                credit = slot.credit - it.dispatched[slot]
+                credit = slot.credit + it.credit[slot]
                 tasks = self._take(batch, slot, min(credit, share))
                 if not tasks:
                     continue
-                it.dispatched[slot] += len(tasks)
+                it.credit[slot] -= len(tasks)
                 frames = []
                 new_leases = {}
                 for task_id, raw, payload in tasks:

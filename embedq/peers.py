@@ -131,12 +131,16 @@ class WorkerTable:
         """Nodes we have sent nothing to for a heartbeat interval (they judge our liveness too)."""
         return [node for node in self.nodes.values() if now - node.last_sent >= self.heartbeat_interval]
 
-    def with_credit(self, queue_has_work):
-        """Slots that can take more work from a non-empty queue, most free credit first."""
+    def with_credit(self, queue_has_work, change=None):
+        """Slots that can take more work from a non-empty queue, most free credit first.
+
+        ``change`` maps a slot to credit gained or spent since ``slot.leases`` was last updated
+        (results settled and tasks delivered in the broker's current iteration)."""
+        change = change or {}
         slots = [s for s in self.slots.values()
-                 if s.credit > 0 and not s.leaving and not s.node.leaving
+                 if s.credit + change.get(s, 0) > 0 and not s.leaving and not s.node.leaving
                  and any(queue_has_work(q) for q in s.node.queues)]
-        slots.sort(key=lambda s: s.credit, reverse=True)
+        slots.sort(key=lambda s: s.credit + change.get(s, 0), reverse=True)
         return slots
 
     def next_deadline(self, now):
