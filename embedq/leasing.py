@@ -162,7 +162,8 @@ class Leasing:
                       forget=False)
         drop = sorted(held_tokens - set(adopted))
         if adopted or drop:
-            log.info("pool process %s joined: %d lease(s) adopted, %d dropped", slot.key, len(adopted), len(drop))
+            log.info("pool process %s joined: %d lease(s) adopted, %d dropped",
+                     slot.key, len(adopted), len(drop))
         it.send(identity, P.WELCOME, P.encode({"broker": self.instance, "drop": drop}))
 
     def _on_heartbeat(self, batch, it, identity, body, now, mono):
@@ -248,7 +249,7 @@ class Leasing:
                     new_leases[token] = task_id
                     frames += (str(token).encode(), raw, payload)
                 it.add(slot.identity, P.TASK, *frames)
-                it.after_commit.append(lambda s=slot, l=new_leases: s.leases.update(l))
+                it.after_commit.append(lambda s=slot, leases=new_leases: s.leases.update(leases))
                 if credit > len(tasks) and any(ready(q) for q in slot.queues):
                     still_hungry.append(slot)
             slots = still_hungry
