@@ -9,14 +9,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from embedq.schedules import (
-    DEFAULT_SKIP_TOLERANCE,
-    as_schedule,
-    crontab,
-    due_runs,
-    schedule,
-    schedule_from_dict,
-)
+from embedq.missed_runs import DEFAULT_SKIP_TOLERANCE, due_runs
+from embedq.schedules import as_schedule, crontab, schedule, schedule_from_dict
 
 pytestmark = pytest.mark.timeout(30)
 
