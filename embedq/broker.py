@@ -205,16 +205,16 @@ class Broker:
         outgoing = [(identity, P.message(command, *body)) for (identity, command), body in it.batched.items()]
         sock = self.socket
         mono = self.monotonic()
+        nodes = self.leasing.workers.nodes
         for identity, frames in outgoing + it.sends:
             try:
                 send_frames(sock, [identity, *frames])
             except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or not keeping up
                 if not self.leasing.unreachable(identity, exc):
                     log.debug("dropped a reply to a departed client: %s", exc)
-        nodes = self.leasing.workers.nodes
-        for identity, _ in outgoing + it.sends:
+                continue
             node = nodes.get(identity)
-            if node is not None:
+            if node is not None:  # anything we send a node doubles as our heartbeat
                 node.last_sent = mono
         for node in self.leasing.heartbeat_due(mono):
             self._send_now(node.identity, P.HEARTBEAT)

@@ -30,7 +30,7 @@ from collections import Counter
 
 import lmdb
 
-from .errors import ConfigurationError, DataDirLocked, StorageFull
+from .errors import ConfigurationError, DataDirLocked
 from .protocol import TaskHeader
 
 log = logging.getLogger(__name__)
@@ -354,4 +354,4 @@ def _lock_data_dir(path):
     return lock_file
 
 
-__all__ = ["Store", "Batch", "Lease", "StorageFull", "split_record", "join_record"]
+__all__ = ["Store", "Batch", "Lease", "split_record", "join_record"]
