@@ -20,8 +20,10 @@ from .errors import (
     EmbedqError,
     NotRegistered,
     RemoteTaskError,
+    SoftTimeLimitExceeded,
     StorageFull,
     TaskRevokedError,
+    TimeLimitExceeded,
     TimeoutError,
     UnknownTaskError,
     WorkerLostError,
@@ -35,5 +37,5 @@ __all__ = [
     "App", "Celery", "Task", "AsyncResult", "Cluster", "start", "states",
     "EmbedqError", "ConfigurationError", "BrokerUnavailable", "DataDirLocked", "NotRegistered",
     "RemoteTaskError", "StorageFull", "TaskRevokedError", "TimeoutError", "UnknownTaskError",
-    "WorkerLostError",
+    "WorkerLostError", "SoftTimeLimitExceeded", "TimeLimitExceeded",
 ]

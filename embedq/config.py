@@ -39,6 +39,23 @@ DEFAULTS = {
     #: Each pool process holds at most this many tasks (one running, the rest prefetched), so a
     #: node holds concurrency * multiplier, as in Celery (whose default is also 4).
     "worker_prefetch_multiplier": 4,
+    #: Hard time limit (seconds) of tasks that set none: the pool process running a task past it
+    #: is killed and replaced, and the task fails with TimeLimitExceeded. None: no limit.
+    "task_time_limit": None,
+    #: Soft time limit (seconds) of tasks that set none: SoftTimeLimitExceeded is raised inside
+    #: the task so it can clean up. None: no limit.
+    "task_soft_time_limit": None,
+    #: A pool process is replaced after running this many tasks (None: never), as in Celery.
+    "worker_max_tasks_per_child": None,
+    #: A pool process whose resident memory exceeds this many KiB after a task is replaced
+    #: (the task that crossed the line completes normally). None: no limit.
+    "worker_max_memory_per_child": None,
+    #: Warm shutdown (first SIGTERM/SIGINT): seconds running tasks get to finish before the
+    #: pool is killed and their leases handed back. Celery's name; its default is 0 (wait forever).
+    "worker_soft_shutdown_timeout": 10.0,
+    #: Autoscale (``--autoscale max,min``): seconds a pool process must have been idle before
+    #: it is retired (Celery's AUTOSCALE_KEEPALIVE).
+    "worker_autoscale_idle": 30.0,
     #: Schedules and crontab are evaluated in this zone.
     "timezone": "UTC",
 }

@@ -69,5 +69,19 @@ class RemoteTaskError(EmbedqError):
         self.remote_traceback = remote_traceback
 
 
+class SoftTimeLimitExceeded(EmbedqError):
+    """Raised *inside* a running task when its ``soft_time_limit`` passes, so it can clean up.
+
+    A task may catch it and return normally; if it does not, the task fails with it. Code that
+    holds the GIL in C (a long regex, ``sum`` over a huge range) cannot be interrupted this way;
+    the hard ``time_limit`` still ends it.
+    """
+
+
+class TimeLimitExceeded(EmbedqError):
+    """The task ran past its hard ``time_limit``: its pool process was killed and replaced, and
+    the task failed with this error (it is not redelivered)."""
+
+
 class WorkerLostError(EmbedqError):
     """The worker process running the task died, and the task may not be redelivered."""

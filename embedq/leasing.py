@@ -41,7 +41,8 @@ class Leasing:
         self.orphan_deadline = monotonic() + self.orphan_grace
         self.unreachable_slots = set()
         self.handlers = {P.READY: self._on_ready, P.JOIN: self._on_join, P.HEARTBEAT: self._on_heartbeat,
-                         P.RESULT: self._on_result, P.LOST: self._on_lost, P.DISCONNECT: self._on_disconnect}
+                         P.RESULT: self._on_result, P.LOST: self._on_lost_report,
+                         P.RELEASE: self._on_release, P.DISCONNECT: self._on_disconnect}
 
     def handle(self, batch, it, identity, command, body, now, mono):
         """Handle a worker-side command; False if ``command`` is not one."""
@@ -115,6 +116,46 @@ class Leasing:
                         info.get("reason", "?"), len(slot.leases))
             self._release(batch, it, slot, slot.leases.items())
             it.after_commit.append(lambda: self.workers.remove_slot(slot))
+
+    def _on_lost_report(self, batch, it, identity, body, now, mono):
+        """LOST, first settling a ready-made result when the process was killed at a hard time
+        limit (kind "time-limit": the task fails with TimeLimitExceeded instead of being
+        redelivered); then as any LOST: the process's other deliveries are requeued."""
+        node = self.workers.node(identity)
+        info = P.decode(body[0]) if body else {}
+        if node is not None and info.get("kind") == P.LOST_TIME_LIMIT and len(body) > 1:
+            index = P.check_int(info.get("index"), "index")
+            key = f"{node.node_id}/{index}"
+            slot = node.slots.get(index)
+            for raw, payload in P.pairs(body[1:]):
+                header = P.ResultHeader.parse(raw)
+                lease = batch.get_lease(header.id)
+                held = (header.token in slot.leases if slot is not None
+                        else lease is not None and lease.node == key)
+                if lease is None or lease.token != header.token or not held:
+                    log.info("discarded the time-limit result of %s (delivery %d is no longer its "
+                             "lease)", header.id, header.token)
+                    continue
+                log.warning("task %s exceeded its time limit in %s: settled as %s",
+                            header.id, key, header.state)
+                self.orphans.pop(header.id, None)
+                self.on_settled(batch, it, header, raw, payload)
+        self._on_lost(batch, it, identity, body[:1], now, mono)
+
+    def _on_release(self, batch, it, identity, body, now, mono):
+        """A pool process will not run these deliveries (it is recycled or shutting down):
+        requeue them at once; if it is ``leaving``, send it no more work."""
+        slot = self.workers.slot(identity)
+        if slot is None:
+            return self._unknown(it, identity, body)
+        info = P.decode(body[0]) if body else {}
+        if info.get("leaving"):
+            slot.leaving = True
+        tokens = set(P.int_list(info.get("tokens")))
+        released = [(t, tid) for t, tid in slot.leases.items() if t in tokens]
+        if released:
+            log.info("pool process %s handed back %d delivery(ies)", slot.key, len(released))
+            self._release(batch, it, slot, released)
 
     def evict_silent(self, batch, it, mono):
         for node in self.workers.expired(mono):

@@ -26,18 +26,29 @@ RESULT = b"RESULT"      # (result header, payload)*  (also worker -> broker)
 STATE = b"STATE"        # {"req"?, "states": {id: {"state", ...}}}
 # worker node (supervisor) <-> broker
 READY = b"READY"        # {"node", "queues", ...}        -> WELCOME {"broker", "heartbeat"}
-LOST = b"LOST"          # {"index", "reason"}: that pool process died; requeue what it held
+LOST = b"LOST"          # {"index", "running", "kind", "reason"} [result header, payload]: that
+                        # pool process died; requeue what it held (kind "time-limit": settle
+                        # the running task with the attached FAILURE result first)
+REVOKE = b"REVOKE"      # broker -> node {"tokens", "signal"}: kill the pool processes running these
 HEARTBEAT = b"HEARTBEAT"  # node: {} (liveness); pool process when idle: {"held", "seen"}
 # pool process <-> broker
 JOIN = b"JOIN"          # {"node", "index", "capacity", "held"}  -> WELCOME {"broker", "drop"}
 TASK = b"TASK"          # (token, header, payload)*
 SETTLED = b"SETTLED"    # token*: results committed, the process may forget them
+RELEASE = b"RELEASE"    # {"tokens", "leaving"}: the process will not run these; requeue them now
 WELCOME = b"WELCOME"
 # both ways
 DISCONNECT = b"DISCONNECT"  # {"reason"}: "I do not know you / you broke protocol: register again"
 
 CLIENT_COMMANDS = frozenset({SUBMIT, WAIT, STATUS, FORGET})
-WORKER_COMMANDS = frozenset({READY, JOIN, LOST, HEARTBEAT, RESULT, DISCONNECT})
+WORKER_COMMANDS = frozenset({READY, JOIN, LOST, HEARTBEAT, RESULT, RELEASE, DISCONNECT})
+
+# LOST "kind": why a pool process is gone (absent means LOST_CRASH)
+LOST_CRASH = "crash"              # died on its own (kill -9, segfault, os._exit)
+LOST_TIME_LIMIT = "time-limit"    # killed at its task's hard time limit; the result is attached
+LOST_MEMORY = "memory"            # retired after a task left it above max_memory_per_child
+LOST_RECYCLED = "recycled"        # retired: max_tasks_per_child, autoscale, warm shutdown
+LOST_TERMINATED = "terminated"    # killed by REVOKE (revoke with terminate=True)
 
 #: Longest accepted task id, queue, task or node name, in UTF-8 bytes (LMDB keys stop at 511).
 MAX_NAME_LENGTH = 255

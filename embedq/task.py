@@ -5,6 +5,7 @@ Mirrors ``celery.Task``: ``@app.task`` builds a subclass whose ``run`` is the fu
 name up in its own app, which is why the worker must import the module that defines the task.
 """
 
+import math
 import threading
 import time
 import uuid
@@ -46,6 +47,12 @@ class Task:
     ignore_result = False
     #: Seconds from submit after which the task is not run (Celery's ``expires``).
     expires = None
+    #: Hard limit, seconds of run time: the pool process is killed and the task fails with
+    #: TimeLimitExceeded. None: the worker's default (``--time-limit``, ``task_time_limit``).
+    time_limit = None
+    #: Soft limit, seconds: SoftTimeLimitExceeded is raised inside the task. None: the worker's
+    #: default (``--soft-time-limit``, ``task_soft_time_limit``).
+    soft_time_limit = None
 
     _fun = None
 
@@ -82,14 +89,17 @@ class Task:
         return self.apply_async(args, kwargs)
 
     def apply_async(self, args=None, kwargs=None, task_id=None, *, countdown=None, eta=None,
-                    expires=None, queue=None, priority=None, ignore_result=None, **options):
+                    expires=None, queue=None, priority=None, ignore_result=None, time_limit=None,
+                    soft_time_limit=None, **options):
         message = self.build_message(
             args, kwargs, task_id=task_id, countdown=countdown, eta=eta, expires=expires,
-            queue=queue, priority=priority, ignore_result=ignore_result, **options)
+            queue=queue, priority=priority, ignore_result=ignore_result, time_limit=time_limit,
+            soft_time_limit=soft_time_limit, **options)
         return self.app.send_messages([message])[0]
 
     def build_message(self, args=None, kwargs=None, task_id=None, *, countdown=None, eta=None,
-                      expires=None, queue=None, priority=None, ignore_result=None, **options):
+                      expires=None, queue=None, priority=None, ignore_result=None, time_limit=None,
+                      soft_time_limit=None, **options):
         """(task id, header JSON, payload) for one call, with Celery's option names and meanings."""
         now = time.time()
         if countdown is not None:
@@ -112,6 +122,11 @@ class Task:
             "expires": expires,
             "notify": not ignore_result,
             "codec": codec,
+            # per call, else per task; absent: the worker applies its own default
+            "time_limit": check_time_limit(self.time_limit if time_limit is None else time_limit,
+                                           "time_limit"),
+            "soft_time_limit": check_time_limit(
+                self.soft_time_limit if soft_time_limit is None else soft_time_limit, "soft_time_limit"),
         }
         if codec == serialize.CLOUDPICKLE:
             header["py"] = serialize.PYTHON_VERSION
@@ -127,6 +142,16 @@ class Task:
 
     def __repr__(self):
         return f"<@task: {self.name}>"
+
+
+def check_time_limit(value, field):
+    """None, or a positive finite number of seconds (ValueError otherwise, at the call site)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{field} must be a positive number of seconds, not {value!r}")
+    return value
 
 
 def _task_by_name(app, name):
