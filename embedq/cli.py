@@ -89,8 +89,43 @@ def worker_parser():
     parser.add_argument("-n", "--hostname", help="node name, %%h is replaced by the host name")
     parser.add_argument("-Q", "--queues", help="comma-separated queues to consume")
     parser.add_argument("--prefetch-multiplier", type=int)
+    parser.add_argument("--time-limit", type=_seconds, metavar="SECONDS",
+                        help="hard time limit of tasks that set none: the pool process is killed "
+                             "and the task fails with TimeLimitExceeded (default: task_time_limit)")
+    parser.add_argument("--soft-time-limit", type=_seconds, metavar="SECONDS",
+                        help="soft time limit of tasks that set none: SoftTimeLimitExceeded is "
+                             "raised in the task (default: task_soft_time_limit)")
+    parser.add_argument("--max-tasks-per-child", type=_positive_int, metavar="N",
+                        help="replace a pool process after N tasks (default: never)")
+    parser.add_argument("--max-memory-per-child", type=_positive_int, metavar="KIB",
+                        help="replace a pool process whose resident memory exceeds KIB KiB after "
+                             "a task (default: no limit)")
+    parser.add_argument("--autoscale", metavar="MAX,MIN",
+                        help="between MIN and MAX pool processes: grow while all are busy and "
+                             "work is waiting, retire one idle for --autoscale-idle seconds")
+    parser.add_argument("--autoscale-idle", type=_seconds, metavar="SECONDS",
+                        help="idle time before autoscale retires a process (default: "
+                             "worker_autoscale_idle, 30)")
+    parser.add_argument("--soft-shutdown-timeout", type=float, metavar="SECONDS",
+                        help="warm shutdown (first SIGTERM/SIGINT): seconds running tasks get to "
+                             "finish before the pool is killed (default: "
+                             "worker_soft_shutdown_timeout, 10)")
     parser.add_argument("-l", "--loglevel", default="INFO")
     return parser
+
+
+def _seconds(text):
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def load_app(spec):
@@ -125,11 +160,19 @@ def worker_main(argv=None):
     broker = args.broker or app.conf.broker_url
     if not broker:
         raise SystemExit("no broker address: pass --broker tcp://HOST:PORT or set app.conf.broker_url")
+    from .autoscale import parse as parse_autoscale
     from .worker import run
 
+    try:
+        autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+    except ValueError as exc:
+        raise SystemExit(f"embedq worker: {exc}") from None
     run(app, broker, concurrency=args.concurrency, name=args.hostname,
         queues=args.queues.split(",") if args.queues else None,
-        prefetch_multiplier=args.prefetch_multiplier)
+        prefetch_multiplier=args.prefetch_multiplier, time_limit=args.time_limit,
+        soft_time_limit=args.soft_time_limit, max_tasks_per_child=args.max_tasks_per_child,
+        max_memory_per_child=args.max_memory_per_child, autoscale=autoscale,
+        autoscale_idle=args.autoscale_idle, shutdown_timeout=args.soft_shutdown_timeout)
 
 
 def main(argv=None):

@@ -36,16 +36,18 @@ class StopFlag:
     The first signal asks for a clean stop (commit, hand leases back); the second is cold.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), raise_on_second=True):
         self.requested = False
         self.count = 0
+        #: False: a loop that handles cold shutdown itself reads ``count`` instead
+        self.raise_on_second = raise_on_second
         for sig in signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.count += 1
         self.requested = True
-        if self.count > 1:
+        if self.count > 1 and self.raise_on_second:
             raise KeyboardInterrupt
 
     def __bool__(self):

@@ -16,20 +16,30 @@ processes when to (re-)join, and reports a dead one as LOST so its tasks are red
 Processes are started with ``spawn``: a fresh interpreter that imports the app's modules itself,
 so no ZeroMQ context, lock or thread of the supervisor leaks into task code. They die with their
 supervisor (PR_SET_PDEATHSIG).
+
+A process *retires* (max_tasks_per_child, max_memory_per_child, autoscale, warm shutdown): it
+sends RELEASE for the deliveries it prefetched but did not start (the broker requeues them at
+once and sends it no more), finishes the task it runs, waits for its results to be SETTLED and
+exits with one of the ``EXIT_*`` codes, which tell the supervisor what to report. A warm
+shutdown reaches a busy process through SIGUSR1, whose handler sends that RELEASE while the task
+keeps running (task code never uses the process's socket, so it is free then).
 """
 
 import collections
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import uuid
 
+import psutil
 import zmq
 
+from . import limits as L
 from . import protocol as P
 from . import serialize, states
-from .errors import NotRegistered
+from .errors import NotRegistered, SoftTimeLimitExceeded
 from .lifecycle import die_with_parent
 from .transport import dealer, receive_ready, send_frames
 
@@ -39,20 +49,48 @@ CALL_TASK = "embedq.call"
 RESULT_BATCH = 64
 #: Milliseconds a pool process's socket may linger at exit to flush a last result.
 LINGER_MS = 500
+#: Seconds a retiring process waits for the broker to settle its last results before it exits
+#: anyway (their tasks are then redelivered: at-least-once).
+RETIRE_SETTLE_TIMEOUT = 5.0
+
+# Exit codes of a process that retired on purpose (anything else is a crash).
+EXIT_DRAINED = 100       # warm shutdown of the node
+EXIT_MAX_TASKS = 101     # ran max_tasks_per_child tasks
+EXIT_MAX_MEMORY = 102    # above max_memory_per_child after a task
+EXIT_SCALED_DOWN = 103   # autoscale: idle, not needed
+
+# The status array, written by the process, read by the supervisor (floats; 0 means none).
+TOKEN = 0          # delivery token being run
+STARTED = 1        # wall-clock time it started
+DEADLINE = 2       # time.monotonic() of its hard time limit (CLOCK_MONOTONIC is system-wide)
+LIMIT = 3          # that hard limit in seconds
+WAITING = 4        # deliveries prefetched, not started
+IDLE_SINCE = 5     # time.monotonic() the process last became idle
+SERVING = 6        # 1 once its signal handlers are installed (it may be sent SIGUSR1)
+STATUS_FIELDS = 7
+#: Bytes shared for "task id NUL task name" of the running task (names are at most 255 bytes).
+CURRENT_SIZE = 2 * P.MAX_NAME_LENGTH + 2
 
 
 class PoolProcess:
     """The supervisor's handle on one pool process."""
 
-    def __init__(self, app, index, node_id, broker_url, capacity, context=None):
+    def __init__(self, app, index, node_id, broker_url, capacity, limits=L.Limits(), context=None):
         context = context or multiprocessing.get_context("spawn")
         self.index = index
         self.control, child_end = context.Pipe(duplex=False)[::-1]
-        #: [token being run, time it started]; 0 when idle. Written by the child, read here.
-        self.status = context.RawArray("d", 2)
+        #: see TOKEN..SERVING: what it runs, since when, until when. Written by the child.
+        self.status = context.RawArray("d", STATUS_FIELDS)
+        #: b"task id\0task name\0" of what it runs, for the supervisor's time-limit result
+        self.current = context.RawArray("c", CURRENT_SIZE)
+        #: set when the supervisor ends it (time limit, revoke): what to report when it is gone
+        self.ending = None
+        #: asked to retire by autoscale: not replaced when it exits
+        self.retiring = False
         self.process = context.Process(
             target=_child_main,
-            args=(child_end, self.status, app, node_id, index, broker_url, capacity, os.getpid()),
+            args=(child_end, self.status, self.current, app, node_id, index, broker_url, capacity,
+                  limits, os.getpid()),
             name=f"embedq-pool-{index}", daemon=True)
         self.process.start()
         child_end.close()
@@ -61,15 +99,56 @@ class PoolProcess:
 
     def join_broker(self, heartbeat):
         """Tell the process to (re-)join the broker on a new socket."""
+        self._command(b"J%f" % heartbeat)
+
+    def drain(self):
+        """Warm shutdown: hand back what is prefetched now, finish the running task, exit."""
+        self._command(b"D")
+        if self.status[SERVING]:  # busy: only a signal reaches it (before SERVING it would die)
+            self.send_signal(signal.SIGUSR1)
+
+    def retire(self):
+        """Autoscale: leave once the current task (if any) is done."""
+        self.retiring = True
+        self._command(b"R")
+
+    def _command(self, command):
         try:
-            self.control.send_bytes(b"J%f" % heartbeat)
+            self.control.send_bytes(command)
         except OSError:
             pass  # it died; the sentinel reports that
 
     def running(self):
         """The delivery token the process is running, or None."""
-        token = int(self.status[0])
+        token = int(self.status[TOKEN])
         return token or None
+
+    def overdue(self, now):
+        """(token, task id, task name, limit, started) if the running task is past its hard
+        limit at ``now`` (time.monotonic()), else None."""
+        token, deadline = self.running(), self.status[DEADLINE]
+        if not token or not deadline or now < deadline:
+            return None
+        task_id, _, rest = self.current.raw.partition(b"\0")
+        name = rest.partition(b"\0")[0]
+        found = (token, task_id.decode(errors="replace"), name.decode(errors="replace"),
+                 self.status[LIMIT], self.status[STARTED])
+        return found if self.running() == token else None  # it did not just move on
+
+    def deadline(self):
+        """time.monotonic() of the running task's hard limit, or None."""
+        return (self.status[DEADLINE] or None) if self.running() else None
+
+    def load(self):
+        """(busy, deliveries waiting, idle since, serving) for autoscale decisions."""
+        return (self.running() is not None, int(self.status[WAITING]), self.status[IDLE_SINCE],
+                bool(self.status[SERVING]))
+
+    def send_signal(self, sig):
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def kill(self):
         if self.process.is_alive():
@@ -84,20 +163,25 @@ class PoolProcess:
             self.process.join(1.0)
 
 
-def _child_main(control, status, app, node_id, index, broker_url, capacity, parent_pid):
+def _child_main(control, status, current, app, node_id, index, broker_url, capacity, limits,
+                parent_pid):
     die_with_parent(signal.SIGKILL, parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    PoolWorker(control, status, app, node_id, index, broker_url, capacity).serve()
+    worker = PoolWorker(control, status, app, node_id, index, broker_url, capacity, limits, current)
+    sys.exit(worker.serve())
 
 
 class PoolWorker:
     """The loop inside a pool process."""
 
-    def __init__(self, control, status, app, node_id, index, broker_url, capacity):
+    def __init__(self, control, status, app, node_id, index, broker_url, capacity,
+                 limits=L.Limits(), current=None):
         self.control = control
         self.status = status
+        self.current = current
         self.app = app
         self.node_id, self.index, self.capacity = node_id, index, capacity
+        self.limits = limits
         self.broker_url = broker_url
         self.context = zmq.Context()
         self.socket = None
@@ -107,19 +191,37 @@ class PoolWorker:
         self.heartbeat = 0.5
         self.last_sent = 0.0
         self.finished = []                    # result frames not sent yet (sent when idle)
+        self.tasks_run = 0
+        self.soft_limit = L.SoftLimit()
+        self.in_task = False                  # task code is running (the socket is not in use)
+        self.drain_requested = False          # warm shutdown asked for (pipe or SIGUSR1)
+        self.retiring = None                  # EXIT_* code once retiring
+        self.retire_deadline = 0.0
 
     def serve(self):
+        """Run until told to stop; returns the exit code (0, or EXIT_* after retiring)."""
+        self.soft_limit.install()
+        signal.signal(signal.SIGUSR1, self._on_drain_signal)
+        self.status[IDLE_SINCE] = time.monotonic()
+        self.status[SERVING] = 1
         while True:
-            if self.backlog:
+            if self.drain_requested:
+                self._retire(EXIT_DRAINED)
+            if self.backlog and self.retiring is None:
                 self._run(*self.backlog.popleft())
+                self._check_recycle()
                 wait = 0
             else:
                 wait = self.heartbeat
             if self.finished and (not self.backlog or len(self.finished) >= 2 * RESULT_BATCH):
                 self._send(P.RESULT, *self.finished)  # one message for a run of short tasks
                 self.finished = []
+            if self.retiring is not None and (not self.unsettled or time.monotonic() > self.retire_deadline):
+                if self.socket is not None:
+                    self.socket.close(linger=LINGER_MS)
+                return self.retiring
             if not self._poll(wait):
-                return
+                return 0
 
     def _poll(self, wait):
         """Handle control and socket input for up to ``wait`` seconds; False to exit."""
@@ -135,6 +237,10 @@ class PoolWorker:
             if command.startswith(b"J"):
                 self.heartbeat = float(command[1:])
                 self._join()
+            elif command == b"D":
+                self.drain_requested = True
+            elif command == b"R":
+                self._retire(EXIT_SCALED_DOWN)
         if self.socket is not None:
             if ready.get(self.socket):
                 self._drain()
@@ -145,10 +251,13 @@ class PoolWorker:
         if self.socket is not None:
             self.socket.close(linger=0)
             self.backlog.clear()  # what was queued for the old socket goes back to the broker
+            self.status[WAITING] = 0
         identity = f"p:{self.node_id}/{self.index}/{uuid.uuid4().hex[:6]}".encode()
         self.socket = dealer(self.context, self.broker_url, identity, LINGER_MS)
         self._send(P.JOIN, P.encode({"node": self.node_id, "index": self.index, "capacity": self.capacity,
                                      "held": sorted(self.unsettled), "pid": os.getpid()}))
+        if self.retiring is not None:
+            self._release([])  # a new slot for the broker: say at once that it takes no work
         for token, (header, payload, _) in self.unsettled.items():  # after JOIN, on the new socket
             self._send(P.RESULT, header, payload)
             self.unsettled[token] = (header, payload, time.monotonic())
@@ -158,10 +267,16 @@ class PoolWorker:
             try:
                 command, body = P.split(frames)
                 if command == P.TASK:
+                    tokens = []
                     for token, header, payload in P.pairs(body, 3):
                         token = int(token)
                         self.seen = max(self.seen, token)
-                        self.backlog.append((token, header, payload))
+                        tokens.append(token)
+                        if self.retiring is None:
+                            self.backlog.append((token, header, payload))
+                    if self.retiring is not None:  # crossed our RELEASE on the way
+                        self._release(tokens)
+                    self.status[WAITING] = len(self.backlog)
                 elif command == P.SETTLED:
                     for token in body:
                         self.unsettled.pop(int(token), None)
@@ -174,14 +289,72 @@ class PoolWorker:
             except Exception:  # malformed input from the broker: drop it, carry on
                 continue
 
+    # -- retiring ------------------------------------------------------------------------------
+    def _on_drain_signal(self, signum, frame):
+        """SIGUSR1 from the supervisor (warm shutdown). While task code runs, the socket is not
+        in use, so the prefetched deliveries are handed back right now; otherwise the loop does
+        it before it starts anything else."""
+        self.drain_requested = True
+        if self.in_task:
+            self._retire(EXIT_DRAINED)
+
+    def _check_recycle(self):
+        limits = self.limits
+        if limits.max_tasks_per_child and self.tasks_run >= limits.max_tasks_per_child:
+            self._retire(EXIT_MAX_TASKS)
+        elif limits.max_memory_per_child:
+            if L.memory_kib(psutil.Process()) > limits.max_memory_per_child:
+                self._retire(EXIT_MAX_MEMORY)
+
+    def _retire(self, code):
+        """Run nothing more: hand back every delivery not started, then exit once settled."""
+        if self.retiring is not None:
+            return
+        self.retiring = code
+        self.retire_deadline = time.monotonic() + RETIRE_SETTLE_TIMEOUT
+        tokens = [token for token, _, _ in self.backlog]
+        self.backlog.clear()
+        self.status[WAITING] = 0
+        self._release(tokens)
+
+    def _release(self, tokens):
+        """RELEASE (leaving): the broker requeues ``tokens`` now and sends us no more work."""
+        if self.socket is None:
+            return
+        self.soft_limit.hold = True  # from a signal handler: let no alarm split this message
+        try:
+            self._send(P.RELEASE, P.encode({"tokens": tokens, "leaving": True}))
+        finally:
+            self.soft_limit.hold = False
+
+    # -- running -------------------------------------------------------------------------------
     def _run(self, token, raw_header, payload):
         header = P.decode(raw_header)
-        self.status[1] = time.time()
-        self.status[0] = token
+        soft, hard = L.effective(header, self.app.tasks.get(header.get("task")), self.limits)
+        status = self.status
+        status[WAITING] = len(self.backlog)
+        if self.current is not None:
+            self.current.raw = (f"{header.get('id')}\0{header.get('task')}\0".encode()
+                                [:CURRENT_SIZE])
+        status[STARTED] = started = time.time()
+        status[LIMIT] = hard or 0
+        status[DEADLINE] = time.monotonic() + hard if hard else 0
+        status[TOKEN] = token
+        self.in_task = True
+        if self.drain_requested:  # asked just before we started: hand the rest back first
+            self._retire(EXIT_DRAINED)
         try:
+            self.soft_limit.arm(soft)
             result, body = execute(self.app, token, header, payload)
+        except SoftTimeLimitExceeded as exc:  # fired outside the task's own code
+            result, body = L.failure(token, header, exc, started)
         finally:
-            self.status[0] = 0
+            self.in_task = False
+            self.soft_limit.disarm()
+            status[TOKEN] = 0
+            status[DEADLINE] = 0
+            status[IDLE_SINCE] = time.monotonic()
+        self.tasks_run += 1
         raw = P.encode(result)
         self.unsettled[token] = (raw, body, time.monotonic())
         self.finished += (raw, body)

@@ -13,16 +13,33 @@ does. Liveness is judged both ways (Paranoid Pirate): if the broker falls silent
 ``heartbeat * liveness`` the node opens a new socket, registers again (saying which deliveries
 its processes are running, so they are not redelivered) and tells its processes to re-join.
 A pool process that dies is reported as LOST at once and replaced.
+
+The supervisor also ends pool processes itself: at a task's hard time limit (SIGKILL; it sees
+each process's running token and deadline in its status array, so a task stuck in C code is
+ended too; the LOST carries the task's FAILURE/TimeLimitExceeded result), and on REVOKE from the
+broker (revoke with terminate). Processes that retire on purpose (max tasks or memory per
+child, autoscale) exit with an ``EXIT_*`` code and are reported with the matching LOST kind.
+
+Shutdown: the first SIGTERM/SIGINT is *warm*: every process hands back what it prefetched (the
+broker redelivers it at once), running tasks get ``worker_soft_shutdown_timeout`` seconds to
+finish and have their results settled, then the node says DISCONNECT (everything still leased to
+it is requeued) and exits. A second signal, or the end of that grace period, is *cold*: the pool
+is killed now and everything is handed back.
 """
 
 import logging
 import os
+import signal
 import socket as socket_module
 import time
 import uuid
+from typing import NamedTuple
 
 import zmq
 
+from . import autoscale as A
+from . import limits as L
+from . import pool
 from . import protocol as P
 from .pool import PoolProcess
 from .transport import dealer, receive_ready, send_frames
@@ -33,16 +50,50 @@ log = logging.getLogger(__name__)
 MAX_RECONNECT_BACKOFF = 4.0
 #: Milliseconds a closing socket may linger to flush (bounded: never hang at exit).
 LINGER_MS = 500
+#: Signals REVOKE may ask for (Celery's revoke(terminate=True, signal=...)).
+REVOKE_SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
+#: What a pool process's exit code says: (LOST kind, reason).
+EXIT_KINDS = {
+    pool.EXIT_DRAINED: (P.LOST_RECYCLED, "worker shutdown"),
+    pool.EXIT_MAX_TASKS: (P.LOST_RECYCLED, "max tasks per child reached"),
+    pool.EXIT_MAX_MEMORY: (P.LOST_MEMORY, "above max memory per child"),
+    pool.EXIT_SCALED_DOWN: (P.LOST_RECYCLED, "autoscale: idle"),
+}
+
+
+class Ending(NamedTuple):
+    """Why the supervisor itself ended a pool process: reported in the LOST once it is gone."""
+
+    kind: str
+    token: int
+    reason: str
+    frames: tuple = ()
 
 
 class WorkerNode:
     def __init__(self, app, broker_url, *, concurrency=None, queues=None, name=None,
                  prefetch_multiplier=None, heartbeat=None, liveness=None, context=None,
-                 monotonic=time.monotonic):
+                 monotonic=time.monotonic, time_limit=None, soft_time_limit=None,
+                 max_tasks_per_child=None, max_memory_per_child=None, autoscale=None,
+                 autoscale_idle=None, shutdown_timeout=None):
         conf = app.conf
         self.app = app
         self.broker_url = broker_url
         self.concurrency = concurrency or conf.worker_concurrency or os.cpu_count() or 1
+        #: defaults every pool process applies (time limits; when it retires)
+        self.limits = L.Limits.from_settings(conf, time_limit, soft_time_limit, max_tasks_per_child,
+                                             max_memory_per_child)
+        self.autoscaler = None
+        if autoscale:
+            maximum, minimum = A.parse(autoscale) if isinstance(autoscale, str) else autoscale
+            idle = conf.worker_autoscale_idle if autoscale_idle is None else autoscale_idle
+            self.autoscaler = A.Autoscaler(maximum, minimum, idle)
+            self.concurrency = minimum
+        self.next_scale = 0.0
+        #: warm shutdown: seconds running tasks get before the pool is killed
+        self.shutdown_timeout = (conf.worker_soft_shutdown_timeout if shutdown_timeout is None
+                                 else shutdown_timeout)
+        self.draining = False
         #: deliveries each pool process may hold at once: one running, the rest prefetched
         self.capacity = max(1, prefetch_multiplier or conf.worker_prefetch_multiplier)
         self.queues = list(queues or [conf.task_default_queue])
@@ -69,7 +120,7 @@ class WorkerNode:
                  self.concurrency, ",".join(self.queues), self.broker_url)
 
     def _spawn(self, index):
-        return PoolProcess(self.app, index, self.node_id, self.broker_url, self.capacity)
+        return PoolProcess(self.app, index, self.node_id, self.broker_url, self.capacity, self.limits)
 
     def stop(self):
         """Hand every delivery back (the broker requeues it at once) and stop the pool."""
@@ -83,13 +134,28 @@ class WorkerNode:
             child.close(timeout=0.5)
         self.children = []
 
-    def serve(self, stop=lambda: False):
+    def serve(self, stop=lambda: False, cold=lambda: False):
+        """Serve until ``stop()``; then shut down warm until the pool has left, ``cold()`` or the
+        grace period ends; then cold (:meth:`stop`)."""
         self.start()
         try:
             while not stop():
                 self.poll_once(max_wait=0.25)
+            deadline = self.begin_shutdown()
+            while self.children and not cold() and self.monotonic() < deadline:
+                self.poll_once(max_wait=0.1)
         finally:
             self.stop()
+
+    def begin_shutdown(self):
+        """Warm shutdown: no more work; prefetched deliveries go back now. Returns the deadline."""
+        if not self.draining:
+            self.draining = True
+            log.info("worker node %s: warm shutdown (running tasks get %gs; signal again to stop "
+                     "now)", self.node_id, self.shutdown_timeout)
+            for child in self.children:
+                child.drain()
+        return self.monotonic() + self.shutdown_timeout
 
     @property
     def timeout(self):
@@ -106,7 +172,7 @@ class WorkerNode:
         #: when we give up on this socket if the broker stays silent (grows with backoff)
         self.broker_deadline = self.monotonic() + max(self.timeout, self.backoff)
         self._send(P.READY, P.encode({
-            "node": self.node_id, "slots": self.concurrency, "queues": self.queues,
+            "node": self.node_id, "slots": len(self.children), "queues": self.queues,
             "running": self._running(), "pid": os.getpid(), "host": socket_module.gethostname(),
             "name": self.name}))
 
@@ -122,13 +188,21 @@ class WorkerNode:
                 self.poller.register(child.sentinel, zmq.POLLIN)
         now = self.monotonic()
         next_beat = self.last_sent + self.heartbeat if self.welcomed else self.broker_deadline
-        ready = dict(self.poller.poll(int(max(0.0, min(max_wait, next_beat - now)) * 1000)))
+        wait = min(max_wait, next_beat - now)
+        deadlines = [d for child in self.children if child.ending is None and (d := child.deadline())]
+        if deadlines:
+            wait = min(wait, min(deadlines) - time.monotonic())
+        ready = dict(self.poller.poll(int(max(0.0, wait) * 1000)))
         now = self.monotonic()
         if ready.get(self.socket):
             self._drain_socket(now)
         for child in list(self.children):
             if ready.get(child.sentinel):
-                self._replace(child)
+                self._child_exited(child)
+        self._enforce_time_limits()
+        if self.autoscaler is not None and not self.draining and now >= self.next_scale:
+            self.next_scale = now + A.AUTOSCALE_INTERVAL
+            self._autoscale()
         self._keep_alive(now)
 
     def _drain_socket(self, now):
@@ -150,22 +224,84 @@ class WorkerNode:
             elif command == P.DISCONNECT:
                 log.warning("broker asked us to register again: %s", body[0][:200] if body else "")
                 self._connect()
+            elif command == P.REVOKE:
+                try:
+                    self._revoke(P.decode(body[0]) if body else {})
+                except Exception as exc:  # malformed: log it, do not die
+                    log.warning("dropped malformed REVOKE: %s", exc)
             # HEARTBEAT: hearing anything at all is the point
 
-    def _replace(self, child):
-        """A pool process died: report it LOST (the broker redelivers its tasks), start another."""
+    def _child_exited(self, child):
+        """A pool process is gone: report it LOST (the broker requeues what it still held, or
+        settles a time-limit result), and start another unless it was meant to go."""
         code = child.process.exitcode
-        token = child.running()
-        log.error("pool process %d died (exit code %s)%s", child.pid, code,
-                  f" running delivery {token}" if token else "")
-        self._send(P.LOST, P.encode({"index": child.index, "running": token,
-                                     "reason": f"pool process exited with {code}"}))
+        if child.ending is not None:
+            kind, token, reason, frames = child.ending
+        else:
+            kind, reason = EXIT_KINDS.get(code, (P.LOST_CRASH, f"pool process exited with {code}"))
+            token, frames = child.running(), ()
+        level = logging.ERROR if kind == P.LOST_CRASH else logging.INFO
+        log.log(level, "pool process %d (index %d) is gone: %s (%s)%s", child.pid, child.index,
+                kind, reason, f", running delivery {token}" if token else "")
+        self._send(P.LOST, P.encode({"index": child.index, "running": token, "kind": kind,
+                                     "reason": reason}), *frames)
         child.close(timeout=0)
+        self.poller = None
+        if self.draining or child.retiring:
+            self.children.remove(child)
+            return
         replacement = self._spawn(child.index)
         self.children[self.children.index(child)] = replacement
-        self.poller = None
         if self.welcomed:
             replacement.join_broker(self.heartbeat)
+
+    def _enforce_time_limits(self):
+        """Kill every pool process whose task is past its hard limit (SIGKILL: a task holding
+        the GIL in C code cannot be stopped any other way); its LOST settles the task."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.ending is not None or (overdue := child.overdue(now)) is None:
+                continue
+            token, task_id, name, limit, started = overdue
+            log.warning("task %s[%s] exceeded its time limit of %gs: killing pool process %d",
+                        name, task_id, limit, child.pid)
+            frames = L.time_limit_result(token, task_id, name, limit, started, child.pid)
+            child.ending = Ending(P.LOST_TIME_LIMIT, token, f"time limit ({limit:g}s) exceeded", frames)
+            child.kill()
+
+    def _revoke(self, info):
+        """REVOKE {"tokens", "signal"}: terminate the pool processes running those deliveries."""
+        name = info.get("signal") or "SIGTERM"
+        sig = REVOKE_SIGNALS.get(name)
+        if sig is None:
+            log.warning("REVOKE with unsupported signal %r ignored", name)
+            return
+        tokens = set(P.int_list(info.get("tokens")))
+        for child in self.children:
+            token = child.running()
+            if token in tokens and child.ending is None:
+                log.warning("revoked delivery %d: terminating pool process %d with %s",
+                            token, child.pid, name)
+                child.ending = Ending(P.LOST_TERMINATED, token, f"revoked: terminated with {name}")
+                child.send_signal(sig)
+
+    def _autoscale(self):
+        loads = [A.Load(child.index, *child.load(), child.retiring) for child in self.children]
+        decision = self.autoscaler.decide(loads, time.monotonic())
+        if decision == A.GROW:
+            used = {child.index for child in self.children}
+            index = next(i for i in range(len(used) + 1) if i not in used)
+            log.info("autoscale: all %d pool processes busy with work waiting: adding one",
+                     len(self.children))
+            child = self._spawn(index)
+            self.children.append(child)
+            self.poller = None
+            if self.welcomed:
+                child.join_broker(self.heartbeat)
+        elif decision is not None:
+            child = next(child for child in self.children if child.index == decision)
+            log.info("autoscale: pool process %d idle: retiring it", child.pid)
+            child.retire()
 
     def _keep_alive(self, now):
         if now > self.broker_deadline:
@@ -189,9 +325,10 @@ def run(app, broker_url, *, parent_pid=None, **options):
 
     if parent_gone(parent_pid):  # it died before we got here
         return
-    stop = StopFlag()
+    stop = StopFlag(raise_on_second=False)  # the second signal means cold shutdown
     node = WorkerNode(app, broker_url, **options)
-    node.serve(lambda: stop or parent_gone(parent_pid))
+    node.serve(lambda: stop or parent_gone(parent_pid),
+               cold=lambda: stop.count > 1 or parent_gone(parent_pid))
 
 
 if __name__ == "__main__":

@@ -70,13 +70,14 @@ class BrokerProcess:
 
 
 class WorkerProcess:
-    def __init__(self, broker_url, concurrency=2, name="w", queues=None, prefetch=None):
+    def __init__(self, broker_url, concurrency=2, name="w", queues=None, prefetch=None, args=()):
         command = [sys.executable, "-m", "embedq.worker", "-A", "testapp", "--broker", broker_url,
                    "-c", str(concurrency), "-n", name, "--loglevel", "WARNING"]
         if prefetch:
             command += ["--prefetch-multiplier", str(prefetch)]
         if queues:
             command += ["-Q", ",".join(queues)]
+        command += list(args)  # more worker options, e.g. ["--time-limit", "1"]
         self.process = subprocess.Popen(command, env=_environment(), stdin=subprocess.DEVNULL)
         self.pid = self.process.pid
 
@@ -118,8 +119,9 @@ def broker(tmp_path):
 def start_worker(broker):
     started = []
 
-    def start(concurrency=2, name=None, queues=None, prefetch=None):
-        worker = WorkerProcess(broker.url, concurrency, name or f"w{len(started)}", queues, prefetch)
+    def start(concurrency=2, name=None, queues=None, prefetch=None, args=()):
+        worker = WorkerProcess(broker.url, concurrency, name or f"w{len(started)}", queues, prefetch,
+                               args)
         started.append(worker)
         return worker
 

@@ -108,3 +108,53 @@ def hold(gate, started_dir):
     """Mark that it started (one file per run), then block until ``gate`` exists."""
     open(os.path.join(started_dir, f"{os.getpid()}.{time.monotonic_ns()}"), "w").close()
     return wait_for_file.run(gate)
+
+
+# -- time limits and pool process management (tests/test_time_limits.py, test_worker_management.py)
+@app.task
+def sleeper(seconds, marker_dir=None, value="s"):
+    """Sleep in Python (interruptible by signals), leaving a start marker per run if asked."""
+    if marker_dir:
+        _mark(marker_dir, "start", value)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value, os.getpid()
+
+
+@app.task(time_limit=1)
+def limited_sleeper(seconds):
+    """Per-task hard limit (``@app.task(time_limit=1)``)."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@app.task
+def gil_hog(marker_dir=None):
+    """Hold the GIL in C for minutes (``sum`` over a range runs no bytecode, so no signal
+    handler): only a hard time limit that kills the process can end it."""
+    if marker_dir:
+        _mark(marker_dir, "start", "hog")
+    return sum(range(10 ** 12))
+
+
+@app.task
+def soft_cleanup(seconds=30.0):
+    """Catch the soft limit and clean up: returns ("cleaned up", pid, seconds run)."""
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < seconds:
+            time.sleep(0.01)
+    except embedq.SoftTimeLimitExceeded:
+        return "cleaned up", os.getpid(), time.monotonic() - started
+    return "finished", os.getpid(), time.monotonic() - started
+
+
+_HOARD = []
+
+
+@app.task
+def hog_memory(mebibytes):
+    """Grow this pool process's resident memory by ``mebibytes`` MiB and keep it."""
+    _HOARD.append(b"x" * (mebibytes << 20))  # bytes(*) writes every page: they become resident
+    return os.getpid()
