@@ -12,6 +12,12 @@ The rule, checked every ``AUTOSCALE_INTERVAL`` seconds, one change at a time:
   keepalive). The idle process with the highest index retires: it hands back anything that
   reached it meanwhile and exits, and it is not replaced.
 
+Prefetched deliveries stay with the process they were sent to, so a new process may find nothing
+left to take. When a process retires without having run a single task, growing did not help:
+from then on the pool grows again only once new deliveries have arrived since the last decision
+(work is still flowing), which keeps a node from spawning and retiring a process forever while
+its existing processes work through what they prefetched.
+
 A node starts with ``min`` processes.
 """
 
@@ -31,6 +37,8 @@ class Load(NamedTuple):
     waiting: int
     idle_since: float   # time.monotonic() it last became idle
     serving: bool       # started and ready to take work
+    ran: int            # tasks it has run
+    received: int       # deliveries it has received
     retiring: bool      # already asked to leave
 
 
@@ -53,17 +61,25 @@ class Autoscaler:
         self.maximum, self.minimum = maximum, minimum
         #: seconds a process must be idle before it is retired
         self.idle = idle
+        #: a process retired without running anything: grow only while deliveries keep arriving
+        self.futile = False
+        self.received = 0
 
     def decide(self, loads, now):
         """GROW, the index of a process to retire, or None."""
+        received = sum(load.received for load in loads)
+        arrived, self.received = received > self.received, received
         active = [load for load in loads if not load.retiring]
         if (len(loads) < self.maximum and active
                 and all(load.serving and load.busy for load in active)
-                and any(load.waiting for load in active)):
+                and any(load.waiting for load in active) and (arrived or not self.futile)):
+            self.futile = False
             return GROW
         if len(active) > self.minimum:
             idle = [load for load in active if load.serving and not load.busy and not load.waiting
                     and now - load.idle_since >= self.idle]
             if idle:
-                return max(idle, key=lambda load: load.index).index
+                chosen = max(idle, key=lambda load: load.index)
+                self.futile = self.futile or chosen.ran == 0
+                return chosen.index
         return None

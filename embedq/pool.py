@@ -67,7 +67,9 @@ LIMIT = 3          # that hard limit in seconds
 WAITING = 4        # deliveries prefetched, not started
 IDLE_SINCE = 5     # time.monotonic() the process last became idle
 SERVING = 6        # 1 once its signal handlers are installed (it may be sent SIGUSR1)
-STATUS_FIELDS = 7
+RAN = 7            # tasks it has run
+RECEIVED = 8       # deliveries it has received
+STATUS_FIELDS = 9
 #: Bytes shared for "task id NUL task name" of the running task (names are at most 255 bytes).
 CURRENT_SIZE = 2 * P.MAX_NAME_LENGTH + 2
 
@@ -140,9 +142,11 @@ class PoolProcess:
         return (self.status[DEADLINE] or None) if self.running() else None
 
     def load(self):
-        """(busy, deliveries waiting, idle since, serving) for autoscale decisions."""
-        return (self.running() is not None, int(self.status[WAITING]), self.status[IDLE_SINCE],
-                bool(self.status[SERVING]))
+        """(busy, deliveries waiting, idle since, serving, tasks run, deliveries received), for
+        autoscale decisions."""
+        status = self.status
+        return (self.running() is not None, int(status[WAITING]), status[IDLE_SINCE],
+                bool(status[SERVING]), int(status[RAN]), int(status[RECEIVED]))
 
     def send_signal(self, sig):
         try:
@@ -277,6 +281,7 @@ class PoolWorker:
                     if self.retiring is not None:  # crossed our RELEASE on the way
                         self._release(tokens)
                     self.status[WAITING] = len(self.backlog)
+                    self.status[RECEIVED] += len(tokens)
                 elif command == P.SETTLED:
                     for token in body:
                         self.unsettled.pop(int(token), None)
@@ -355,6 +360,7 @@ class PoolWorker:
             status[DEADLINE] = 0
             status[IDLE_SINCE] = time.monotonic()
         self.tasks_run += 1
+        status[RAN] = self.tasks_run
         raw = P.encode(result)
         self.unsettled[token] = (raw, body, time.monotonic())
         self.finished += (raw, body)
