@@ -312,25 +312,27 @@ class PoolWorker:
                 self._retire(EXIT_MAX_MEMORY)
 
     def _retire(self, code):
-        """Run nothing more: hand back every delivery not started, then exit once settled."""
+        """Run nothing more: hand back every delivery not started (also those still queued on
+        the socket: a busy process has not read them yet), then exit once settled."""
         if self.retiring is not None:
             return
         self.retiring = code
         self.retire_deadline = time.monotonic() + RETIRE_SETTLE_TIMEOUT
-        tokens = [token for token, _, _ in self.backlog]
-        self.backlog.clear()
-        self.status[WAITING] = 0
-        self._release(tokens)
+        self.soft_limit.hold = True  # maybe in a signal handler: no alarm may split a message
+        try:
+            tokens = [token for token, _, _ in self.backlog]
+            self.backlog.clear()
+            self.status[WAITING] = 0
+            self._release(tokens)
+            if self.socket is not None:
+                self._drain()  # TASKs received now are released at once (we are retiring)
+        finally:
+            self.soft_limit.hold = False
 
     def _release(self, tokens):
         """RELEASE (leaving): the broker requeues ``tokens`` now and sends us no more work."""
-        if self.socket is None:
-            return
-        self.soft_limit.hold = True  # from a signal handler: let no alarm split this message
-        try:
+        if self.socket is not None:
             self._send(P.RELEASE, P.encode({"tokens": tokens, "leaving": True}))
-        finally:
-            self.soft_limit.hold = False
 
     # -- running -------------------------------------------------------------------------------
     def _run(self, token, raw_header, payload):

@@ -234,6 +234,7 @@ class WorkerNode:
     def _child_exited(self, child):
         """A pool process is gone: report it LOST (the broker requeues what it still held, or
         settles a time-limit result), and start another unless it was meant to go."""
+        child.process.join(1.0)  # the sentinel closes a moment before the exit code is there
         code = child.process.exitcode
         if child.ending is not None:
             kind, token, reason, frames = child.ending
