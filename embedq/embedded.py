@@ -118,8 +118,10 @@ class Cluster(concurrent.futures.Executor):
         # `python -m embedq.worker` import the module twice (runpy warns about that)
 
         context = multiprocessing.get_context("spawn")
+        # the node's warm shutdown must end (and hand back what it holds) before stop() kills it
+        grace = min(self.app.conf.worker_soft_shutdown_timeout, STOP_TIMEOUT - 1.0)
         options = {"concurrency": self.workers, "queues": self.queues, "name": self.worker_name,
-                   "parent_pid": os.getpid()}
+                   "parent_pid": os.getpid(), "shutdown_timeout": grace}
         process = context.Process(target=run_worker, args=(self.app, endpoint), kwargs=options,
                                   name="embedq-worker", daemon=False)
         process.start()

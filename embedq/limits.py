@@ -48,6 +48,10 @@ class Limits(NamedTuple):
                    pick(max_memory_per_child, "worker_max_memory_per_child"))
 
 
+#: No limits at all (a pool process started without a node's defaults).
+NO_LIMITS = Limits()
+
+
 def _seconds(value):
     """A usable limit from an untrusted header field, else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

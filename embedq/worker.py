@@ -41,7 +41,7 @@ from . import autoscale as A
 from . import limits as L
 from . import pool
 from . import protocol as P
-from .pool import PoolProcess
+from .pool_process import PoolProcess
 from .transport import dealer, receive_ready, send_frames
 
 log = logging.getLogger(__name__)
