@@ -108,7 +108,7 @@ def worker_parser():
                              "worker_autoscale_idle, 30)")
     parser.add_argument("--soft-shutdown-timeout", type=float, metavar="SECONDS",
                         help="warm shutdown (first SIGTERM/SIGINT): seconds running tasks get to "
-                             "finish before the pool is killed (default: "
+                             "finish before the pool is killed; 0 stops at once (default: "
                              "worker_soft_shutdown_timeout, 10)")
     parser.add_argument("-l", "--loglevel", default="INFO")
     return parser

@@ -51,7 +51,8 @@ DEFAULTS = {
     #: (the task that crossed the line completes normally). None: no limit.
     "worker_max_memory_per_child": None,
     #: Warm shutdown (first SIGTERM/SIGINT): seconds running tasks get to finish before the
-    #: pool is killed and their leases handed back. Celery's name; its default is 0 (wait forever).
+    #: pool is killed and their leases handed back (Celery's name). 0: no time, a cold shutdown
+    #: at once; None: wait however long they take (Celery's plain warm shutdown).
     "worker_soft_shutdown_timeout": 10.0,
     #: Autoscale (``--autoscale max,min``): seconds a pool process must have been idle before
     #: it is retired (Celery's AUTOSCALE_KEEPALIVE).

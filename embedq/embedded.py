@@ -119,7 +119,8 @@ class Cluster(concurrent.futures.Executor):
 
         context = multiprocessing.get_context("spawn")
         # the node's warm shutdown must end (and hand back what it holds) before stop() kills it
-        grace = min(self.app.conf.worker_soft_shutdown_timeout, STOP_TIMEOUT - 1.0)
+        grace = self.app.conf.worker_soft_shutdown_timeout
+        grace = STOP_TIMEOUT - 1.0 if grace is None else min(grace, STOP_TIMEOUT - 1.0)
         options = {"concurrency": self.workers, "queues": self.queues, "name": self.worker_name,
                    "parent_pid": os.getpid(), "shutdown_timeout": grace}
         process = context.Process(target=run_worker, args=(self.app, endpoint), kwargs=options,

@@ -90,7 +90,8 @@ class WorkerNode:
             self.autoscaler = A.Autoscaler(maximum, minimum, idle)
             self.concurrency = minimum
         self.next_scale = 0.0
-        #: warm shutdown: seconds running tasks get before the pool is killed
+        #: warm shutdown: seconds running tasks get before the pool is killed (0: none, it is a
+        #: cold shutdown at once; None: as long as they need)
         self.shutdown_timeout = (conf.worker_soft_shutdown_timeout if shutdown_timeout is None
                                  else shutdown_timeout)
         self.draining = False
@@ -142,20 +143,22 @@ class WorkerNode:
             while not stop():
                 self.poll_once(max_wait=0.25)
             deadline = self.begin_shutdown()
-            while self.children and not cold() and self.monotonic() < deadline:
+            while self.children and not cold() and (deadline is None or self.monotonic() < deadline):
                 self.poll_once(max_wait=0.1)
         finally:
             self.stop()
 
     def begin_shutdown(self):
-        """Warm shutdown: no more work; prefetched deliveries go back now. Returns the deadline."""
+        """Warm shutdown: no more work; prefetched deliveries go back now. Returns the deadline
+        (None: wait for the running tasks however long they take)."""
+        grace = self.shutdown_timeout
         if not self.draining:
             self.draining = True
-            log.info("worker node %s: warm shutdown (running tasks get %gs; signal again to stop "
-                     "now)", self.node_id, self.shutdown_timeout)
+            log.info("worker node %s: warm shutdown (running tasks get %s; signal again to stop "
+                     "now)", self.node_id, "all the time they need" if grace is None else f"{grace:g}s")
             for child in self.children:
                 child.drain()
-        return self.monotonic() + self.shutdown_timeout
+        return None if grace is None else self.monotonic() + grace
 
     @property
     def timeout(self):

@@ -75,10 +75,11 @@ def probe(queue):
     return testapp.pid.apply_async(queue=queue).get(timeout=30)
 
 
-def start_two_nodes(start_worker):
+def start_two_nodes(start_worker, a_args=()):
     """Two single-process nodes (room for PREFETCH deliveries each), each also consuming a private
-    queue; both registered on return."""
-    a = start_worker(concurrency=1, name="a", queues=["celery", "only-a"], prefetch=PREFETCH)
+    queue; both registered on return. ``a_args``: more options for node a."""
+    a = start_worker(concurrency=1, name="a", queues=["celery", "only-a"], prefetch=PREFETCH,
+                     args=a_args)
     b = start_worker(concurrency=1, name="b", queues=["celery", "only-b"], prefetch=PREFETCH)
     assert probe("only-a") in pids(pool_children(a.pid))
     assert probe("only-b") in pids(pool_children(b.pid))
@@ -697,12 +698,14 @@ def test_pool_child_kill_9_on_a_one_process_node_is_redelivered_to_its_replaceme
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_departed_nodes_task_waits_for_room_on_a_live_node(broker, start_worker, app, tmp_path, sig):
     """Node A runs T while node B is full (one task running, the rest prefetched); A dies (kill -9)
-    or stops (SIGTERM). T must go back to the queue (PENDING) and run on B once B has room."""
+    or stops (SIGTERM with no shutdown grace, so the running T is handed back at once; the warm
+    shutdown that waits for T is tests/test_worker_management.py's). T must go back to the queue
+    (PENDING) and run on B once B has room."""
     import testapp
 
     marks, gate, busy = tmp_path / "marks", tmp_path / "gate", tmp_path / "busy"
     marks.mkdir()
-    a, b = start_two_nodes(start_worker)
+    a, b = start_two_nodes(start_worker, a_args=["--soft-shutdown-timeout", "0"])
     fill = [testapp.hold_marked.apply_async((str(marks), f"b{i}", str(busy)), queue="only-b")
             for i in range(PREFETCH)]
     wait_until(lambda: markers(marks, "start", "b0")
