@@ -136,12 +136,13 @@ def test_autoscale_grows_while_work_waits_and_shrinks_when_idle(broker, start_wo
 
 
 # -- shutdown ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_warm_shutdown_finishes_the_running_task_and_hands_back_the_rest(broker, start_worker, app,
-                                                                         tmp_path):
+                                                                         tmp_path, sig):
     a, b, held, records, gate, a_child = held_node_and_spare(
         start_worker, app, tmp_path, args=["--soft-shutdown-timeout", "60"])
     b_children = pids(b)
-    os.kill(a.pid, signal.SIGTERM)
+    os.kill(a.pid, sig)
     signalled = time.monotonic()
     # the prefetched deliveries are redelivered to b at once, while a still runs the held task
     ran_on = {r.get(timeout=30)[1] for r in records}
@@ -169,12 +170,12 @@ def test_second_signal_is_a_cold_shutdown(broker, start_worker, app, tmp_path):
     wait_until(lambda: len(starts(tmp_path, "held")) == 2, timeout=HANDBACK_BOUND,
                message="the held task to be redelivered to b")
     gate.touch()
-    value, pid = held.get(timeout=30)
+    _, pid = held.get(timeout=30)
     assert pid in pids(b) and pid == starts(tmp_path, "held")[1][1]
 
 
 def test_warm_shutdown_grace_period_ends_in_cold_shutdown(broker, start_worker, app, tmp_path):
-    a, b, held, records, gate, a_child = held_node_and_spare(
+    a, b, held, records, gate, _ = held_node_and_spare(
         start_worker, app, tmp_path, args=["--soft-shutdown-timeout", "1"])
     os.kill(a.pid, signal.SIGTERM)
     signalled = time.monotonic()
