@@ -29,7 +29,7 @@ import zmq
 
 from . import protocol as P
 from . import serialize, states
-from .errors import NotRegistered
+from .errors import NotRegistered, Retry, TaskRevokedError
 from .lifecycle import die_with_parent
 from .transport import dealer, receive_ready, send_frames
 
@@ -162,6 +162,8 @@ class PoolWorker:
                         token = int(token)
                         self.seen = max(self.seen, token)
                         self.backlog.append((token, header, payload))
+                elif command == P.REVOKE:
+                    self._drop(set(P.int_list(P.decode(body[0]).get("tokens"))))
                 elif command == P.SETTLED:
                     for token in body:
                         self.unsettled.pop(int(token), None)
@@ -176,15 +178,32 @@ class PoolWorker:
 
     def _run(self, token, raw_header, payload):
         header = P.decode(raw_header)
+        expires = header.get("expires")
+        if expires is not None and time.time() > expires:  # it waited here past its expiry
+            return self._finish(token, *revoked_result(header, token, "expired"))
         self.status[1] = time.time()
         self.status[0] = token
+
+        def report(state, meta=None):
+            self._send(P.PROGRESS, P.encode({"id": header["id"], "token": token, "state": state,
+                                             "meta": meta}))
+
         try:
-            result, body = execute(self.app, token, header, payload)
+            result, body = execute(self.app, token, header, payload, report)
         finally:
             self.status[0] = 0
+        self._finish(token, result, body)
+
+    def _finish(self, token, result, body):
         raw = P.encode(result)
         self.unsettled[token] = (raw, body, time.monotonic())
         self.finished += (raw, body)
+
+    def _drop(self, tokens):
+        """The broker revoked these deliveries: the ones not started yet end REVOKED unrun."""
+        for item in [item for item in self.backlog if item[0] in tokens]:
+            self.backlog.remove(item)
+            self._finish(item[0], *revoked_result(P.decode(item[1]), item[0], "revoked"))
 
     def held(self):
         return sorted({token for token, _, _ in self.backlog} | set(self.unsettled))
@@ -207,7 +226,14 @@ class PoolWorker:
             pass  # resent later from self.unsettled
 
 
-def execute(app, token, header, payload):
+def revoked_result(header, token, reason):
+    """(result header, payload) of a delivery dropped unrun (revoked, or expired on arrival)."""
+    body, meta = serialize.dumps_exception(TaskRevokedError(reason))
+    return ({"id": header["id"], "token": token, "task": header.get("task"), "state": states.REVOKED,
+             "date_done": time.time(), **meta}, body)
+
+
+def execute(app, token, header, payload, report=None):
     """Run one task; never raises. Returns (result header dict, result payload)."""
     started = time.time()
     result = {"id": header["id"], "token": token, "task": header["task"]}
@@ -222,9 +248,19 @@ def execute(app, token, header, payload):
                 raise NotRegistered(
                     f"task {header['task']!r} is not registered on this worker; start the worker "
                     f"with -A <the module that defines it>")
-            value = task.run_with_request(header, args, kwargs)
+            track = task.track_started if task.track_started is not None else app.conf.task_track_started
+            if track and report is not None:
+                report(states.STARTED, {"pid": os.getpid()})
+            value = task.run_with_request(header, args, kwargs, report)
         body, codec = serialize.dumps(value)
         result.update(state=states.SUCCESS, codec=codec)
+    except Retry as retry:  # not a failure: the broker runs it again at retry.when
+        body, meta = serialize.dumps_exception(retry.exc if retry.exc is not None else retry)
+        result.update(state=states.RETRY, eta=retry.when, retries=header.get("retries", 0) + 1, **meta)
+        new_args = getattr(retry, "new_args", None)
+        if new_args is not None:  # the payload is the next run's arguments, not the exception
+            body, codec = serialize.dumps(new_args)
+            result.update(new_args=True, codec=codec)
     except Exception as exc:  # the task's failure is data; the process carries on
         body, meta = serialize.dumps_exception(exc)
         result.update(state=states.FAILURE, **meta)
