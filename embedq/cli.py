@@ -50,6 +50,8 @@ def broker_parser():
     parser.add_argument("--liveness", type=int, default=defaults.broker_heartbeat_liveness)
     parser.add_argument("--result-expires", type=float, default=defaults.result_expires,
                         help="seconds results are kept; 0 keeps them forever")
+    parser.add_argument("--max-redeliveries", type=int, default=defaults.broker_max_redeliveries,
+                        help="crash deliveries before a task becomes a dead letter (0: never)")
     parser.add_argument("--max-store-size", type=int, default=defaults.broker_max_store_size,
                         help="LMDB size cap in bytes; submits fail with StorageFull beyond it")
     parser.add_argument("--max-message-size", type=int, default=defaults.broker_max_message_size)
@@ -72,6 +74,7 @@ def broker_main(argv=None):
         run(args.data_dir, args.bind, durability=args.durability, ready_fd=args.ready_fd,
             parent_pid=args.parent_pid, heartbeat=args.heartbeat, liveness=args.liveness,
             result_expires=args.result_expires or None, max_store_size=args.max_store_size,
+            max_redeliveries=args.max_redeliveries,
             max_message_size=args.max_message_size)
     except DataDirLocked as exc:
         raise SystemExit(f"embedq broker: {exc}") from None

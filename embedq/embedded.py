@@ -111,6 +111,7 @@ class Cluster(concurrent.futures.Executor):
             self.bind, self.data_dir, durability=self.durability, parent_pid=os.getpid(),
             extra_args=["--heartbeat", str(conf.broker_heartbeat),
                         "--result-expires", str(conf.result_expires or 0),
+                        "--max-redeliveries", str(conf.broker_max_redeliveries),
                         "--loglevel", logging.getLevelName(logging.getLogger("embedq").getEffectiveLevel())])
 
     def _start_worker(self, endpoint):
