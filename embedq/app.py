@@ -15,6 +15,7 @@ import weakref
 from .client import Client
 from .config import Settings
 from .errors import ConfigurationError
+from .periodic import PeriodicTasks
 from .result import AsyncResult
 from .task import Task
 
@@ -40,6 +41,8 @@ class App:
         self.tasks = {}
         self._client = None
         self._client_lock = threading.Lock()
+        #: periodic entries: add, sync with the broker, list, pause, resume, remove
+        self.beat = PeriodicTasks(self)
         _apps[self.main or ""] = self
 
     def __repr__(self):
@@ -79,6 +82,24 @@ class App:
         task.name = task.name or self.gen_task_name(type(task).__name__, type(task).__module__)
         self.tasks[task.name] = task
         return task
+
+    # -- periodic tasks ----------------------------------------------------------------------
+    def add_periodic_task(self, schedule, sig, args=None, kwargs=None, name=None, policy=None,
+                          **options):
+        """Celery's: run ``sig`` (a Task, or a signature-like object) on ``schedule`` (seconds,
+        timedelta, crontab). ``policy`` says what to do about runs missed while the broker was
+        down: "skip" (default), "once" or "all". Returns the entry name."""
+        return self.beat.add(schedule, sig, args, kwargs, name=name, policy=policy, **options)
+
+    def periodic_task(self, schedule, *, args=None, kwargs=None, name=None, policy=None,
+                      options=None, **task_options):
+        """Decorator: ``@app.periodic_task(10.0)`` defines a task and schedules it."""
+        def decorate(fun):
+            task = self.task(**task_options)(fun) if task_options else self.task(fun)
+            self.add_periodic_task(schedule, task, args, kwargs, name=name or task.name,
+                                   policy=policy, **(options or {}))
+            return task
+        return decorate
 
     # -- sending -----------------------------------------------------------------------------
     def send_task(self, name, args=None, kwargs=None, **options):

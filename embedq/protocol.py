@@ -20,6 +20,7 @@ SUBMIT = b"SUBMIT"      # {"req"} (header, payload)*      -> ACK
 WAIT = b"WAIT"          # {"ids"}                         -> RESULT / STATE as each settles
 STATUS = b"STATUS"      # {"req", "ids"}                  -> STATE
 FORGET = b"FORGET"      # {"req", "ids"}                  -> ACK
+BEAT = b"BEAT"          # {"req", "op", ...} (entry, payload)*  -> ACK, or STATE for "list" (beat.py)
 # broker -> client
 ACK = b"ACK"            # {"req", "ok": count accepted, "dup": [ids], "error"?, "message"?}
 RESULT = b"RESULT"      # (result header, payload)*  (also worker -> broker)
@@ -36,7 +37,7 @@ WELCOME = b"WELCOME"
 # both ways
 DISCONNECT = b"DISCONNECT"  # {"reason"}: "I do not know you / you broke protocol: register again"
 
-CLIENT_COMMANDS = frozenset({SUBMIT, WAIT, STATUS, FORGET})
+CLIENT_COMMANDS = frozenset({SUBMIT, WAIT, STATUS, FORGET, BEAT})
 WORKER_COMMANDS = frozenset({READY, JOIN, LOST, HEARTBEAT, RESULT, DISCONNECT})
 
 #: Longest accepted task id, queue, task or node name, in UTF-8 bytes (LMDB keys stop at 511).

@@ -13,7 +13,10 @@ Named databases and their keys (integers are big-endian so byte order is numeric
     results    id                                  -> expires_us u64 | hlen u32 | header JSON | payload
                (expires_us 0: kept forever)
     expiry     expires_us u64 | id                 -> b""   (result clean-up order)
-    meta       b"seq" -> u64 (last sequence number / delivery token); b"version" -> b"1"
+    meta       b"seq" -> u64 (last sequence number / delivery token); b"version" -> b"2"
+    beat       entry name                          -> hlen u32 | entry JSON | args payload
+               periodic entries (beat.py): schedule, task header template and run state (last
+               and next slot), rewritten in the transaction that enqueues the run it produces
 
 One write transaction per broker loop iteration (group commit). ``fsync`` durability opens LMDB
 with ``sync=True`` (a committed transaction survives power loss); ``process`` with ``sync=False``
@@ -79,13 +82,13 @@ class Store:
         self.max_size = max_size
         self._lock_file = _lock_data_dir(path)
         self.env = lmdb.open(
-            path, map_size=min(INITIAL_MAP_SIZE, max_size), max_dbs=8, subdir=True,
+            path, map_size=min(INITIAL_MAP_SIZE, max_size), max_dbs=16, subdir=True,
             sync=(durability == "fsync"), metasync=(durability == "fsync"),
             writemap=False, readahead=False, max_readers=64,
         )
         self.env.reader_check()
         self.grow_to_fit()
-        names = ("tasks", "ready", "scheduled", "leases", "results", "expiry", "meta")
+        names = ("tasks", "ready", "scheduled", "leases", "results", "expiry", "meta", "beat")
         self.db = {name: self.env.open_db(name.encode()) for name in names}
         with self.env.begin(write=True) as txn:
             meta = self.db["meta"]
@@ -139,6 +142,11 @@ class Store:
     def leases(self):
         with self.env.begin() as txn:
             return [_parse_lease(k, v) for k, v in txn.cursor(db=self.db["leases"])]
+
+    def beat_entries(self):
+        """Every periodic entry as (name, entry JSON, payload), in name order."""
+        with self.env.begin() as txn:
+            return [(k.decode(), *split_record(v)) for k, v in txn.cursor(db=self.db["beat"])]
 
 
 def _parse_lease(key, value):
@@ -333,6 +341,23 @@ class Batch:
 
     def has_lease(self, task_id):
         return self.txn.get(task_id.encode(), db=self.db["leases"]) is not None
+
+    # -- periodic entries (beat.py) --------------------------------------------------------
+    def beat_entry(self, name):
+        """(entry JSON, payload) of a periodic entry, or None."""
+        value = self.txn.get(name.encode(), db=self.db["beat"])
+        return None if value is None else split_record(value)
+
+    def put_beat_entry(self, name, entry, payload):
+        self.dirty = True
+        self.txn.put(name.encode(), join_record(entry, payload), db=self.db["beat"])
+
+    def delete_beat_entry(self, name):
+        self.dirty = True
+        return self.txn.delete(name.encode(), db=self.db["beat"])
+
+    def beat_names(self):
+        return [key.decode() for key in self.txn.cursor(db=self.db["beat"]).iternext(values=False)]
 
 
 def _lock_data_dir(path):
