@@ -91,12 +91,13 @@ class App:
         down: "skip" (default), "once" or "all". Returns the entry name."""
         return self.beat.add(schedule, sig, args, kwargs, name=name, policy=policy, **options)
 
-    def periodic_task(self, schedule, *, args=None, kwargs=None, name=None, policy=None,
-                      options=None, **task_options):
-        """Decorator: ``@app.periodic_task(10.0)`` defines a task and schedules it."""
+    def periodic_task(self, schedule, *, args=None, kwargs=None, policy=None, options=None,
+                      **task_options):
+        """Decorator: ``@app.periodic_task(10.0)`` defines a task (``task_options`` as for
+        ``@app.task``) and schedules it as an entry named after the task."""
         def decorate(fun):
             task = self.task(**task_options)(fun) if task_options else self.task(fun)
-            self.add_periodic_task(schedule, task, args, kwargs, name=name or task.name,
+            self.add_periodic_task(schedule, task, args, kwargs, name=task.name,
                                    policy=policy, **(options or {}))
             return task
         return decorate

@@ -129,8 +129,7 @@ class Beat:
             self._reschedule(it, name, None if state["paused"] else state["next_run"])
             return 0
         try:
-            last = None if state["last_run"] is None else from_us(state["last_run"])
-            runs = due_runs(schedule_from_dict(entry["schedule"]), last, from_us(now_us),
+            runs = due_runs(schedule_from_dict(entry["schedule"]), from_us(state["handled"]), from_us(now_us),
                             entry["policy"], anchor=from_us(state["anchor"]))
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. past the year 9999
             log.error("beat: entry %r cannot be scheduled any more (%s); paused", name, exc)
@@ -143,8 +142,10 @@ class Beat:
         if not runs.fire_times:
             log.info("beat: %r skipped missed slots up to %s (policy %s)", name,
                      runs.last_run.isoformat(), entry["policy"])
-        state.update(last_run=to_us(runs.last_run), next_run=to_us(runs.next_run),
+        state.update(handled=to_us(runs.last_run), next_run=to_us(runs.next_run),
                      runs=state["runs"] + len(runs.fire_times))
+        if runs.fire_times:
+            state["last_run"] = to_us(runs.fire_times[-1])
         batch.put_beat_entry(name, P.encode(entry), payload)
         self._reschedule(it, name, state["next_run"])
         return len(runs.fire_times)
@@ -221,7 +222,7 @@ class Beat:
                 fresh = new_state(entry["schedule"], int(now * 1_000_000), anchor=state["anchor"])
             except (ValueError, TypeError, OverflowError) as exc:
                 raise ProtocolError(f"entry {name!r} cannot be resumed: {str(exc)[:120]}") from None
-            state.update(paused=False, error=None, last_run=fresh["last_run"], next_run=fresh["next_run"])
+            state.update(paused=False, error=None, handled=fresh["handled"], next_run=fresh["next_run"])
         batch.put_beat_entry(name, P.encode(entry), found[1])
         self._reschedule(it, name, None if state["paused"] else state["next_run"])
         return True
@@ -230,12 +231,14 @@ class Beat:
 def new_state(schedule_dict, now_us, anchor=None):
     """State of an entry that has missed nothing: its first slot is the next one after now.
 
-    An interval's slots are ``anchor + k * interval``; the anchor is the registration time.
+    ``handled`` is the time up to which every slot was dealt with (fired or skipped: due_runs'
+    ``last_run``); ``last_run`` is the last slot actually enqueued. An interval's slots are
+    ``anchor + k * interval``; the anchor is the registration time.
     """
     anchor = now_us if anchor is None else anchor
     runs = due_runs(schedule_from_dict(schedule_dict), None, from_us(now_us), anchor=from_us(anchor))
-    return {"last_run": None, "next_run": to_us(runs.next_run), "anchor": anchor, "paused": False,
-            "runs": 0, "error": None}
+    return {"handled": to_us(runs.last_run), "next_run": to_us(runs.next_run), "last_run": None,
+            "anchor": anchor, "paused": False, "runs": 0, "error": None}
 
 
 def parse_entry(raw, now_us):
