@@ -61,7 +61,7 @@ class Harness:
     def command(self, control, frames=(), now=T0):
         body = [P.encode({"req": 1, **control}), *frames]
         _, it = self.step(lambda batch, it: self.beat.handle(batch, it, b"client", body, now))
-        [(identity, message)] = it.sends
+        [(_identity, message)] = it.sends
         return message[1], P.decode(message[2])
 
     def register(self, app, now=T0):

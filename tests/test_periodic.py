@@ -13,7 +13,9 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from itertools import pairwise
 
+import psutil
 import pytest
 import zmq
 
@@ -21,7 +23,7 @@ import embedq
 from embedq import protocol as P
 from embedq.embedded import start_broker_process
 
-from conftest import TESTS_DIR, BrokerProcess, _environment, process_gone, wait_until
+from conftest import TESTS_DIR, _environment, process_gone, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -39,8 +41,6 @@ class BeatWorker:
              "--loglevel", "WARNING"], env=env, stdin=subprocess.DEVNULL)
 
     def stop(self):
-        import psutil
-
         children = psutil.Process(self.process.pid).children(recursive=True)
         self.process.kill()
         self.process.wait(10)
@@ -99,7 +99,7 @@ def test_a_one_second_entry_fires_on_its_slots(broker, beat_worker):
     found = runs(markers)
     slots = [slot for slot, _, _ in found]
     assert len({task_id for _, _, task_id in found}) == len(found)             # one run per slot
-    assert all(abs((b - a) - 1.0) < 1e-6 for a, b in zip(slots, slots[1:]))   # every slot, on the grid
+    assert all(abs((b - a) - 1.0) < 1e-6 for a, b in pairwise(slots))   # every slot, on the grid
     # Lateness = slot -> the task starting in a pool process: the broker's timer, the commit,
     # the delivery and the worker's hand-off. The first runs may meet a pool still warming up.
     lateness = [started - slot for slot, started, _ in found[2:]]
@@ -123,7 +123,7 @@ def test_broker_kill9_and_restart_neither_repeats_nor_forgets_a_slot(broker, bea
     ids = [task_id for _, _, task_id in found]
     slots = [slot for slot, _, _ in found]
     assert len(ids) == len(set(ids)), "a slot ran twice"
-    assert all(abs((b - a) - 0.5) < 1e-6 for a, b in zip(slots, slots[1:])), "a slot was forgotten"
+    assert all(abs((b - a) - 0.5) < 1e-6 for a, b in pairwise(slots)), "a slot was forgotten"
     assert sum(killed_at < slot < restarted_at for slot in slots) >= 3       # the downtime's slots ran
 
 
@@ -214,7 +214,7 @@ def test_malformed_beat_commands_get_disconnect_and_the_broker_carries_on(broker
             assert sock.poll(5000), body
             reply = sock.recv_multipart()
             assert reply[1] == P.DISCONNECT, (body, reply)
-        assert not process_gone(__import__("psutil").Process(broker.pid))
+        assert not process_gone(psutil.Process(broker.pid))
         client_app.add_periodic_task(60.0, "beatclient.add", name="ok")
         client_app.beat.sync()
         assert [e["name"] for e in client_app.beat.list()] == ["ok"]   # nothing bad was stored
