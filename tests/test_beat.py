@@ -393,3 +393,31 @@ def test_beat_schedule_is_not_shared_between_apps():
     second, _ = make_app()
     first.conf.beat_schedule["x"] = {"task": "unit.add", "schedule": 5}
     assert second.conf.beat_schedule == {}
+
+
+# -- the stored layout (docs/storage.md) ---------------------------------------------------------
+def test_beat_record_layout_and_a_store_written_before_beat_existed(tmp_path):
+    import struct
+
+    import lmdb
+
+    path = str(tmp_path / "old")
+    env = lmdb.open(path, max_dbs=8)                # a version 2 store without a `beat` database
+    with env.begin(write=True) as txn:
+        txn.put(b"version", b"2", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    harness = Harness(path)
+    try:
+        assert harness.entries() == {}
+        app, add = make_app()
+        app.add_periodic_task(10.0, add, args=(1, 2), name="adder")
+        harness.register(app)
+        with harness.store.env.begin() as txn:
+            value = txn.get(b"adder", db=harness.store.db["beat"])
+        (hlen,) = struct.unpack_from(">I", value)
+        entry = P.decode(value[4:4 + hlen])
+        assert value[4 + hlen:] == app.beat.messages()[1]
+        assert entry["state"] == {"handled": int(T0 * 1e6), "next_run": int((T0 + 10) * 1e6), "last_run": None,
+                                  "anchor": int(T0 * 1e6), "paused": False, "runs": 0, "error": None}
+    finally:
+        harness.store.close()
