@@ -134,7 +134,10 @@ def worker_main(argv=None):
     if args.beat:
         from .periodic import sync_in_background
 
-        sync_in_background(app, broker)
+        try:
+            sync_in_background(app, broker)
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"embedq worker: bad periodic task in {args.app}: {exc}") from None
     run(app, broker, concurrency=args.concurrency, name=args.hostname,
         queues=args.queues.split(",") if args.queues else None,
         prefetch_multiplier=args.prefetch_multiplier)

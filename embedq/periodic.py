@@ -190,24 +190,27 @@ def describe(schedule_dict):
 
 def sync_in_background(app, url):
     """Register ``app``'s entries from a thread that retries until the broker answers (a worker
-    node starting before its broker must not wait for it, nor give up on the schedule)."""
+    node starting before its broker must not wait for it, nor give up on the schedule). The
+    entries are built here, so a bad one fails the caller at once."""
     from .client import Client
+
+    frames = app.beat.messages()
+    if not frames:
+        return None
 
     def register():
         client = Client(url, app.conf)
         try:
             while True:
                 try:
-                    names = app.beat.sync(client)
-                    log.info("registered %d periodic entries with the broker", len(names))
+                    _request(client, {"op": "add"}, frames)
+                    log.info("registered %d periodic entries with the broker", len(frames) // 2)
                     return
-                except Exception as exc:  # noqa: BLE001 - log and retry; never kill the node
-                    if not isinstance(exc, TimeoutError):
-                        log.error("could not register periodic entries: %s", exc)
-                        return
+                except TimeoutError:  # BrokerUnavailable: keep trying, quietly
                     log.warning("broker unavailable; registering periodic entries again")
         finally:
             client.close()
 
-    if app.beat.declared():
-        threading.Thread(target=register, name="embedq-beat-sync", daemon=True).start()
+    thread = threading.Thread(target=register, name="embedq-beat-sync", daemon=True)
+    thread.start()
+    return thread

@@ -146,6 +146,15 @@ def test_a_broker_without_beat_stores_entries_but_does_not_fire(tmp_path):
         process.wait(10)
 
 
+def test_a_worker_with_a_bad_schedule_fails_at_start_naming_it(broker, tmp_path):
+    env = _environment()
+    env.update(BEATAPP_MARKERS=str(tmp_path), BEATAPP_POLICY="sometimes")
+    completed = subprocess.run([sys.executable, "-m", "embedq.worker", "-A", "beatapp", "--broker", broker.url],
+                               capture_output=True, text=True, timeout=40, env=env)
+    assert completed.returncode != 0
+    assert "bad periodic task in beatapp" in completed.stderr and "sometimes" in completed.stderr
+
+
 # -- the API -------------------------------------------------------------------------------------
 def test_api_lists_pauses_resumes_and_removes(client_app):
     app = client_app
