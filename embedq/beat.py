@@ -131,7 +131,7 @@ class Beat:
         try:
             runs = due_runs(schedule_from_dict(entry["schedule"]), from_us(state["handled"]), from_us(now_us),
                             entry["policy"], anchor=from_us(state["anchor"]))
-        except (ValueError, TypeError, OverflowError) as exc:  # e.g. past the year 9999
+        except Exception as exc:  # e.g. past the year 9999; one bad entry must not stop the broker
             log.error("beat: entry %r cannot be scheduled any more (%s); paused", name, exc)
             state.update(paused=True, error=str(exc)[:200])
             batch.put_beat_entry(name, P.encode(entry), payload)
