@@ -15,6 +15,7 @@ import weakref
 from .client import Client
 from .config import Settings
 from .errors import ConfigurationError
+from .periodic import PeriodicTasks
 from .result import AsyncResult
 from .routing import Router
 from .task import Task
@@ -43,6 +44,8 @@ class App:
         self._client_lock = threading.Lock()
         self._router = (object(), None)  # (the task_routes value it was built from, router)
         self.control = Control(self)
+        #: periodic entries: add, sync with the broker, list, pause, resume, remove
+        self.beat = PeriodicTasks(self)
         _apps[self.main or ""] = self
 
     def __repr__(self):
@@ -82,6 +85,25 @@ class App:
         task.name = task.name or self.gen_task_name(type(task).__name__, type(task).__module__)
         self.tasks[task.name] = task
         return task
+
+    # -- periodic tasks ----------------------------------------------------------------------
+    def add_periodic_task(self, schedule, sig, args=None, kwargs=None, name=None, policy=None,
+                          **options):
+        """Celery's: run ``sig`` (a Task, or a signature-like object) on ``schedule`` (seconds,
+        timedelta, crontab). ``policy`` says what to do about runs missed while the broker was
+        down: "skip" (default), "once" or "all". Returns the entry name."""
+        return self.beat.add(schedule, sig, args, kwargs, name=name, policy=policy, **options)
+
+    def periodic_task(self, schedule, *, args=None, kwargs=None, policy=None, options=None,
+                      **task_options):
+        """Decorator: ``@app.periodic_task(10.0)`` defines a task (``task_options`` as for
+        ``@app.task``) and schedules it as an entry named after the task."""
+        def decorate(fun):
+            task = self.task(**task_options)(fun) if task_options else self.task(fun)
+            self.add_periodic_task(schedule, task, args, kwargs, name=task.name,
+                                   policy=policy, **(options or {}))
+            return task
+        return decorate
 
     # -- sending -----------------------------------------------------------------------------
     def send_task(self, name, args=None, kwargs=None, **options):

@@ -30,6 +30,7 @@ import zmq
 from . import protocol as P
 from . import states
 from .control import Control
+from .beat import Beat
 from .errors import ProtocolError
 from .leasing import Leasing
 from .ratelimit import RateLimiter
@@ -86,8 +87,8 @@ class Iteration:
 class Broker:
     def __init__(self, data_dir, bind="tcp://127.0.0.1:5555", *, durability="fsync",
                  max_store_size=4 << 30, max_message_size=64 << 20, heartbeat=0.5, liveness=3,
-                 result_expires=86400.0, max_redeliveries=DEFAULT_MAX_REDELIVERIES, clock=time.time,
-                 monotonic=time.monotonic, context=None):
+                 result_expires=86400.0, max_redeliveries=DEFAULT_MAX_REDELIVERIES, beat=True,
+                 clock=time.time, monotonic=time.monotonic, context=None):
         self.clock, self.monotonic = clock, monotonic
         self.store = Store(data_dir, durability=durability, max_size=max_store_size)
         self.result_expires = result_expires
@@ -104,9 +105,10 @@ class Broker:
         self.next_space_check = 0.0
         self.refuse_submits = False
         self.next_due = None
+        self.beat = Beat(self.store, enabled=beat)  # periodic entries; fires inside _work
         self._client_handlers = {P.SUBMIT: self._on_submit, P.WAIT: self._on_wait,
                                  P.STATUS: self._on_status, P.FORGET: self._on_forget,
-                                 P.CONTROL: self._on_control}
+                                 P.CONTROL: self._on_control, P.BEAT: self.beat.handle}
         self.max_message_size = max_message_size
         self.context = context or zmq.Context()
         self.socket = self._bind(bind, max_message_size)
@@ -158,6 +160,9 @@ class Broker:
             timers.append(self.next_due - now)
         if self.next_expiry is not None:
             timers.append(self.next_expiry - now)
+        beat_due = self.beat.seconds_until_due(now)
+        if beat_due is not None:
+            timers.append(beat_due)
         return max(0.0, min(timers))
 
     def _iterate(self, messages):
@@ -210,6 +215,7 @@ class Broker:
             self._expire_waiting(batch, it, now)
         if self.next_due is not None and self.next_due <= now:
             self.next_due = batch.promote_due(now)
+        self.beat.fire_due(batch, it, now, refuse_submits)
         self.leasing.dispatch(batch, it, now)
         if mono >= self.next_cleanup:
             self.next_cleanup = mono + CLEANUP_INTERVAL

@@ -49,6 +49,9 @@ DEFAULTS = {
     "worker_prefetch_multiplier": 4,
     #: Schedules and crontab are evaluated in this zone.
     "timezone": "UTC",
+    #: Periodic tasks, in Celery's format: {"name": {"task", "schedule", "args", "kwargs",
+    #: "options"}} plus embedq's "policy" for missed runs ("skip", "once", "all").
+    "beat_schedule": {},
 }
 
 _ENVIRONMENT = {
@@ -62,7 +65,9 @@ class Settings:
     """Attribute and mapping access to settings: ``conf.result_expires``, ``conf["timezone"]``."""
 
     def __init__(self, **overrides):
-        object.__setattr__(self, "_values", dict(DEFAULTS))
+        # mutable defaults (beat_schedule) are copied: apps must not share one dict
+        object.__setattr__(self, "_values", {k: v.copy() if isinstance(v, dict) else v
+                                             for k, v in DEFAULTS.items()})
         self.update(overrides)
 
     @classmethod

@@ -23,6 +23,7 @@ WAIT = b"WAIT"          # {"ids"}                         -> RESULT / STATE as e
 STATUS = b"STATUS"      # {"req", "ids"}                  -> STATE
 FORGET = b"FORGET"      # {"req", "ids"}                  -> ACK
 CONTROL = b"CONTROL"    # {"req", "op", ...}: revoke, dead letters, inspect (control.py) -> ACK
+BEAT = b"BEAT"          # {"req", "op", ...} (entry, payload)*  -> ACK, or STATE for "list" (beat.py)
 # broker -> client
 ACK = b"ACK"            # {"req", "ok": count accepted, "dup": [ids], "error"?, "message"?}
 RESULT = b"RESULT"      # (result header, payload)*  (also worker -> broker)
@@ -42,7 +43,7 @@ WELCOME = b"WELCOME"
 # both ways
 DISCONNECT = b"DISCONNECT"  # {"reason"}: "I do not know you / you broke protocol: register again"
 
-CLIENT_COMMANDS = frozenset({SUBMIT, WAIT, STATUS, FORGET, CONTROL})
+CLIENT_COMMANDS = frozenset({SUBMIT, WAIT, STATUS, FORGET, CONTROL, BEAT})
 WORKER_COMMANDS = frozenset({READY, JOIN, LOST, HEARTBEAT, RESULT, PROGRESS, DISCONNECT})
 
 #: Longest accepted task id, queue, task or node name, in UTF-8 bytes (LMDB keys stop at 511).

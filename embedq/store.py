@@ -11,6 +11,9 @@ Named databases and their keys (integers are big-endian so byte order is numeric
                delivered to a worker node; the token names this delivery, so a late result from
                an evicted node is recognised and discarded
     meta       b"seq" -> u64 (last sequence number / delivery token); b"version" -> b"2"
+    beat       entry name                          -> hlen u32 | entry JSON | args payload
+               periodic entries (beat.py): schedule, task header template and run state (last
+               and next slot), rewritten in the transaction that enqueues the run it produces
 
     results, expiry, progress, revoked, dead, expiring: how tasks ended or are doing, see records.py
 
@@ -70,7 +73,7 @@ class Store:
         self.env.reader_check()
         self.grow_to_fit()
         names = ("tasks", "ready", "scheduled", "leases", "results", "expiry", "meta", "progress",
-                 "revoked", "dead", "expiring")
+                 "revoked", "dead", "expiring", "beat")
         self.db = {name: self.env.open_db(name.encode()) for name in names}
         with self.env.begin(write=True) as txn:
             meta = self.db["meta"]
@@ -124,6 +127,11 @@ class Store:
     def leases(self):
         with self.env.begin() as txn:
             return [_parse_lease(k, v) for k, v in txn.cursor(db=self.db["leases"])]
+
+    def beat_entries(self):
+        """Every periodic entry as (name, entry JSON, payload), in name order."""
+        with self.env.begin() as txn:
+            return [(k.decode(), *split_record(v)) for k, v in txn.cursor(db=self.db["beat"])]
 
 
 def _parse_lease(key, value):
@@ -303,6 +311,23 @@ class Batch(OutcomeRecords):
 
     def has_lease(self, task_id):
         return self.txn.get(task_id.encode(), db=self.db["leases"]) is not None
+
+    # -- periodic entries (beat.py) --------------------------------------------------------
+    def beat_entry(self, name):
+        """(entry JSON, payload) of a periodic entry, or None."""
+        value = self.txn.get(name.encode(), db=self.db["beat"])
+        return None if value is None else split_record(value)
+
+    def put_beat_entry(self, name, entry, payload):
+        self.dirty = True
+        self.txn.put(name.encode(), join_record(entry, payload), db=self.db["beat"])
+
+    def delete_beat_entry(self, name):
+        self.dirty = True
+        return self.txn.delete(name.encode(), db=self.db["beat"])
+
+    def beat_names(self):
+        return [key.decode() for key in self.txn.cursor(db=self.db["beat"]).iternext(values=False)]
 
 
 def _lock_data_dir(path):
