@@ -19,3 +19,11 @@ def noop():
 def noop_fn(*args):
     """Plain no-op for ``ProcessPoolExecutor``, ``multiprocessing.Pool`` and ``Cluster.map``."""
     return None
+
+
+@app.task(bind=True)
+def lateness(self):
+    """Seconds from the task's due time (its eta) to the moment a pool process started it."""
+    import time
+
+    return time.time() - self.request.eta

@@ -60,6 +60,16 @@ def throughput_table(rows):
     return lines, rows, base
 
 
+def lateness_table(rows):
+    rows = [r for r in rows if r["kind"] == "lateness"]
+    lines = ["| Scheduled tasks: start after due time | tasks | p50 (ms) | p99 (ms) | max (ms) | load |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {_fmt(r['tasks'])} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['max_ms']:.2f} | {_load(r)} |")
+    return lines if rows else []
+
+
 def targets(latency, lat_base, throughput, tp_base):
     lines = []
     for r in latency:
@@ -92,6 +102,7 @@ def main(argv=None):
            f"{machine.get('cpu', {}).get('count', '?')} CPUs "
            f"({machine.get('cpu', {}).get('brand_raw', '?')}), commit {str(commit.get('id', '?'))[:10]}"
            f"{' (dirty)' if commit.get('dirty') else ''}.", "", *lat_lines, "", *tp_lines, "",
+           *lateness_table(rows), "",
            "Targets (ratios against ProcessPoolExecutor(2) in this run):", "",
            *targets(latency, lat_base, throughput, tp_base)]
     print("\n".join(out))

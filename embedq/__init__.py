@@ -29,12 +29,13 @@ from .errors import (
     WorkerLostError,
 )
 from .result import AsyncResult
+from .schedules import crontab, schedule
 from .task import Task
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Celery", "Task", "AsyncResult", "Cluster", "start", "states",
+    "App", "Celery", "Task", "AsyncResult", "Cluster", "start", "states", "crontab", "schedule",
     "EmbedqError", "ConfigurationError", "BrokerUnavailable", "DataDirLocked", "NotRegistered",
     "RemoteTaskError", "StorageFull", "TaskRevokedError", "TimeoutError", "UnknownTaskError",
     "WorkerLostError", "SoftTimeLimitExceeded", "TimeLimitExceeded",

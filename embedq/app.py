@@ -15,7 +15,9 @@ import weakref
 from .client import Client
 from .config import Settings
 from .errors import ConfigurationError
+from .periodic import PeriodicTasks
 from .result import AsyncResult
+from .routing import Router
 from .task import Task
 
 #: Apps alive in this process by main name, so a pool child can find "the same" app.
@@ -40,6 +42,10 @@ class App:
         self.tasks = {}
         self._client = None
         self._client_lock = threading.Lock()
+        self._router = (object(), None)  # (the task_routes value it was built from, router)
+        self.control = Control(self)
+        #: periodic entries: add, sync with the broker, list, pause, resume, remove
+        self.beat = PeriodicTasks(self)
         _apps[self.main or ""] = self
 
     def __repr__(self):
@@ -80,6 +86,25 @@ class App:
         self.tasks[task.name] = task
         return task
 
+    # -- periodic tasks ----------------------------------------------------------------------
+    def add_periodic_task(self, schedule, sig, args=None, kwargs=None, name=None, policy=None,
+                          **options):
+        """Celery's: run ``sig`` (a Task, or a signature-like object) on ``schedule`` (seconds,
+        timedelta, crontab). ``policy`` says what to do about runs missed while the broker was
+        down: "skip" (default), "once" or "all". Returns the entry name."""
+        return self.beat.add(schedule, sig, args, kwargs, name=name, policy=policy, **options)
+
+    def periodic_task(self, schedule, *, args=None, kwargs=None, policy=None, options=None,
+                      **task_options):
+        """Decorator: ``@app.periodic_task(10.0)`` defines a task (``task_options`` as for
+        ``@app.task``) and schedules it as an entry named after the task."""
+        def decorate(fun):
+            task = self.task(**task_options)(fun) if task_options else self.task(fun)
+            self.add_periodic_task(schedule, task, args, kwargs, name=task.name,
+                                   policy=policy, **(options or {}))
+            return task
+        return decorate
+
     # -- sending -----------------------------------------------------------------------------
     def send_task(self, name, args=None, kwargs=None, **options):
         """Submit a task by name (the client need not import its code)."""
@@ -93,6 +118,14 @@ class App:
 
     def AsyncResult(self, task_id):  # noqa: N802 - Celery's name
         return AsyncResult(task_id, self)
+
+    @property
+    def router(self):
+        """The ``task_routes`` router, rebuilt when the setting is replaced."""
+        routes = self.conf.task_routes
+        if self._router[0] is not routes:
+            self._router = (routes, Router(routes))
+        return self._router[1]
 
     # -- connection --------------------------------------------------------------------------
     @property
@@ -126,6 +159,32 @@ class App:
 
 
 Celery = App
+
+
+class Control:
+    """``app.control``: ask the broker to revoke tasks, list and requeue dead letters, report."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def revoke(self, task_id, terminate=False, signal="SIGTERM"):
+        """Revoke one id or a list of ids. Queued and scheduled tasks never run; a running one is
+        killed only with ``terminate=True``. Returns the broker's counts."""
+        ids = [task_id] if isinstance(task_id, str) else list(task_id)
+        return self.app.client.control("revoke", ids=ids, terminate=terminate, signal=signal)
+
+    def dead_letters(self, limit=None):
+        """Tasks that kept killing their workers: a list of dicts (id, task, reason, ...)."""
+        return self.app.client.control("dead_letters", limit=limit)["dead"]
+
+    def requeue_dead_letter(self, task_id):
+        """Put dead letters (an id or a list) back in their queues; returns how many."""
+        ids = [task_id] if isinstance(task_id, str) else list(task_id)
+        return self.app.client.control("requeue_dead", ids=ids)["ok"]
+
+    def stats(self):
+        """Queue lengths, scheduled/leased/dead counts and the connected worker nodes."""
+        return self.app.client.control("stats")
 
 
 def _picklable(settings):

@@ -29,8 +29,12 @@ import zmq
 
 from . import protocol as P
 from . import states
+from .control import Control
+from .beat import Beat
 from .errors import ProtocolError
 from .leasing import Leasing
+from .ratelimit import RateLimiter
+from .settlement import DEFAULT_MAX_REDELIVERIES, Settlement
 from .store import Store
 from .transport import receive_ready, send_frames, wait_readable
 
@@ -83,21 +87,28 @@ class Iteration:
 class Broker:
     def __init__(self, data_dir, bind="tcp://127.0.0.1:5555", *, durability="fsync",
                  max_store_size=4 << 30, max_message_size=64 << 20, heartbeat=0.5, liveness=3,
-                 result_expires=86400.0, clock=time.time, monotonic=time.monotonic, context=None):
+                 result_expires=86400.0, max_redeliveries=DEFAULT_MAX_REDELIVERIES, beat=True,
+                 clock=time.time, monotonic=time.monotonic, context=None):
         self.clock, self.monotonic = clock, monotonic
         self.store = Store(data_dir, durability=durability, max_size=max_store_size)
         self.result_expires = result_expires
         #: seconds an fsync iteration may wait to gather more messages (see poll_once)
         self.commit_delay = COMMIT_DELAY if durability == "fsync" else 0.0
         self.instance = uuid.uuid4().hex[:12]
-        self.waiters = defaultdict(set)                  # task id -> client identities
-        self.leasing = Leasing(self.store, heartbeat, liveness, monotonic, self._settled, self.instance)
+        self.limiter = RateLimiter()
+        self.settlement = Settlement(clock, result_expires, max_redeliveries, self.limiter.forget)
+        self.waiters = self.settlement.waiters           # task id -> client identities
+        self.leasing = Leasing(self.store, heartbeat, liveness, monotonic, self.settlement, self.instance,
+                               self._due_at, self.limiter)
+        self.control = Control(self.settlement, self.leasing, self.store)
         self.next_cleanup = 0.0
         self.next_space_check = 0.0
         self.refuse_submits = False
         self.next_due = None
+        self.beat = Beat(self.store, enabled=beat)  # periodic entries; fires inside _work
         self._client_handlers = {P.SUBMIT: self._on_submit, P.WAIT: self._on_wait,
-                                 P.STATUS: self._on_status, P.FORGET: self._on_forget}
+                                 P.STATUS: self._on_status, P.FORGET: self._on_forget,
+                                 P.CONTROL: self._on_control, P.BEAT: self.beat.handle}
         self.max_message_size = max_message_size
         self.context = context or zmq.Context()
         self.socket = self._bind(bind, max_message_size)
@@ -105,9 +116,9 @@ class Broker:
         log.info("broker %s on %s, data dir %s (%s), %d queued, %d leased",
                  self.instance, self.endpoint, data_dir, durability,
                  sum(self.store.ready_counts.values()), len(self.leasing.orphans))
-        with self.store.env.begin() as txn:  # find the first scheduled task, if any
-            cursor = txn.cursor(db=self.store.db["scheduled"])
-            self.next_due = 0.0 if cursor.first() else None
+        with self.store.env.begin() as txn:  # anything scheduled or expiring: look at once
+            self.next_due = 0.0 if txn.cursor(db=self.store.db["scheduled"]).first() else None
+            self.next_expiry = 0.0 if txn.cursor(db=self.store.db["expiring"]).first() else None
 
     def _bind(self, endpoint, max_message_size):
         sock = self.context.socket(zmq.ROUTER)
@@ -144,8 +155,14 @@ class Broker:
     def _next_timer(self):
         mono = self.monotonic()
         timers = [self.leasing.next_deadline(mono), self.next_cleanup - mono]
+        now = self.clock()
         if self.next_due is not None:
-            timers.append(self.next_due - self.clock())
+            timers.append(self.next_due - now)
+        if self.next_expiry is not None:
+            timers.append(self.next_expiry - now)
+        beat_due = self.beat.seconds_until_due(now)
+        if beat_due is not None:
+            timers.append(beat_due)
         return max(0.0, min(timers))
 
     def _iterate(self, messages):
@@ -155,9 +172,10 @@ class Broker:
             self.store.grow_to_fit()
             self.refuse_submits = self._nearly_full()
         refuse_submits = self.refuse_submits
-        next_due = self.next_due  # memory an aborted attempt changed is put back before a retry
+        # memory an aborted attempt changed is put back before a retry
+        next_due, next_expiry = self.next_due, self.next_expiry
         for _attempt in range(3 + len(messages)):
-            self.next_due = next_due
+            self.next_due, self.next_expiry = next_due, next_expiry
             it = Iteration()
             batch = self.store.begin()
             try:
@@ -193,8 +211,11 @@ class Broker:
             except Exception as exc:
                 raise _PoisonMessage(index) from exc
         self.leasing.evict_silent(batch, it, mono)
+        if self.next_expiry is not None and self.next_expiry <= now:
+            self._expire_waiting(batch, it, now)
         if self.next_due is not None and self.next_due <= now:
             self.next_due = batch.promote_due(now)
+        self.beat.fire_due(batch, it, now, refuse_submits)
         self.leasing.dispatch(batch, it, now)
         if mono >= self.next_cleanup:
             self.next_cleanup = mono + CLEANUP_INTERVAL
@@ -256,8 +277,10 @@ class Broker:
             for header, raw, payload in tasks:
                 if batch.add_task(header, raw, payload, now):
                     reply["ok"] += 1
-                    if header.eta is not None and (self.next_due is None or header.eta < self.next_due):
-                        self.next_due = header.eta
+                    if header.eta is not None:
+                        self._due_at(header.eta)
+                    if header.expires is not None and (self.next_expiry is None or header.expires < self.next_expiry):
+                        self.next_expiry = header.expires
                 else:
                     reply["dup"].append(header.id)
                 if header.notify:
@@ -292,6 +315,8 @@ class Broker:
             result = batch.result(task_id)
             if result is not None:
                 info = P.decode(result[0])
+            elif (progress := batch.progress(task_id)) is not None:
+                info = progress  # STARTED, RETRY or a custom state from update_state
             elif batch.has_lease(task_id):
                 info = {"state": states.RECEIVED}
             elif batch.task(task_id) is not None:
@@ -307,13 +332,23 @@ class Broker:
             batch.forget(task_id)
         it.send(identity, P.ACK, P.encode({"req": control.get("req"), "ok": len(control["ids"])}))
 
-    def _settled(self, batch, it, header, raw, payload):
-        """A lease holder's final result: store it and (after the commit) tell the waiters."""
-        expires = None if self.result_expires is None else self.clock() + self.result_expires
-        batch.settle(header.id, raw, payload, expires)
-        for client in self.waiters.get(header.id, ()):
-            it.add(client, P.RESULT, raw, payload)
-        it.after_commit.append(lambda: self.waiters.pop(header.id, None))
+    def _on_control(self, batch, it, identity, body, now, refuse_submits):
+        self.control.handle(batch, it, identity, body, now)
+
+    def _due_at(self, due):
+        """Make sure the loop wakes up for a task scheduled at ``due``."""
+        if due is not None and (self.next_due is None or due < self.next_due):
+            self.next_due = due
+
+    def _expire_waiting(self, batch, it, now):
+        """Tasks whose ``expires`` passed while queued or scheduled end REVOKED, never run. A
+        leased one is left to its pool process, which checks ``expires`` before running it."""
+        expired, self.next_expiry = batch.pop_expired(now)
+        for task_id in expired:
+            record = batch.task(task_id)
+            if record is not None and not batch.has_lease(task_id):
+                name = P.decode(record[1]).get("task")
+                self.settlement.revoke_waiting(batch, it, task_id, "expired", name)
 
     def _busy(self):
         in_flight = 0

@@ -50,9 +50,13 @@ def broker_parser():
     parser.add_argument("--liveness", type=int, default=defaults.broker_heartbeat_liveness)
     parser.add_argument("--result-expires", type=float, default=defaults.result_expires,
                         help="seconds results are kept; 0 keeps them forever")
+    parser.add_argument("--max-redeliveries", type=int, default=defaults.broker_max_redeliveries,
+                        help="crash deliveries before a task becomes a dead letter (0: never)")
     parser.add_argument("--max-store-size", type=int, default=defaults.broker_max_store_size,
                         help="LMDB size cap in bytes; submits fail with StorageFull beyond it")
     parser.add_argument("--max-message-size", type=int, default=defaults.broker_max_message_size)
+    parser.add_argument("--beat", action=argparse.BooleanOptionalAction, default=True,
+                        help="fire periodic tasks (default: on); --no-beat stores entries only")
     parser.add_argument("--insecure", action="store_true",
                         help="allow binding a non-loopback address without authentication")
     parser.add_argument("-l", "--loglevel", default="INFO")
@@ -72,7 +76,8 @@ def broker_main(argv=None):
         run(args.data_dir, args.bind, durability=args.durability, ready_fd=args.ready_fd,
             parent_pid=args.parent_pid, heartbeat=args.heartbeat, liveness=args.liveness,
             result_expires=args.result_expires or None, max_store_size=args.max_store_size,
-            max_message_size=args.max_message_size)
+            max_redeliveries=args.max_redeliveries,
+            max_message_size=args.max_message_size, beat=args.beat)
     except DataDirLocked as exc:
         raise SystemExit(f"embedq broker: {exc}") from None
 
@@ -110,6 +115,8 @@ def worker_parser():
                         help="warm shutdown (first SIGTERM/SIGINT): seconds running tasks get to "
                              "finish before the pool is killed; 0 stops at once (default: "
                              "worker_soft_shutdown_timeout, 10)")
+    parser.add_argument("--beat", action=argparse.BooleanOptionalAction, default=True,
+                        help="register the app's periodic tasks with the broker (default: on)")
     parser.add_argument("-l", "--loglevel", default="INFO")
     return parser
 
@@ -167,6 +174,13 @@ def worker_main(argv=None):
         autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
     except ValueError as exc:
         raise SystemExit(f"embedq worker: {exc}") from None
+    if args.beat:
+        from .periodic import sync_in_background
+
+        try:
+            sync_in_background(app, broker)
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"embedq worker: bad periodic task in {args.app}: {exc}") from None
     run(app, broker, concurrency=args.concurrency, name=args.hostname,
         queues=args.queues.split(",") if args.queues else None,
         prefetch_multiplier=args.prefetch_multiplier, time_limit=args.time_limit,
@@ -175,11 +189,63 @@ def worker_main(argv=None):
         autoscale_idle=args.autoscale_idle, shutdown_timeout=args.soft_shutdown_timeout)
 
 
+def beat_parser():
+    defaults = Settings.from_environment()
+    parser = argparse.ArgumentParser(prog="embedq beat", description="Manage periodic tasks.")
+    parser.add_argument("action", choices=("list", "sync", "pause", "resume", "remove"))
+    parser.add_argument("names", nargs="*", help="entry names (pause, resume, remove)")
+    parser.add_argument("-A", "--app", help="module defining the app (sync)")
+    parser.add_argument("-b", "--broker", default=defaults.broker_url,
+                        help="broker endpoint (default: the app's broker_url or $EMBEDQ_BROKER_URL)")
+    return parser
+
+
+def beat_main(argv=None):
+    """``embedq beat list|sync|pause|resume|remove``; exit status 1 for an unknown entry name."""
+    parser = beat_parser()
+    args = parser.parse_args(argv)
+    configure_logging("WARNING")
+    from .app import App
+    from .client import Client
+    from .periodic import describe
+
+    app = load_app(args.app) if args.app else App("embedq-cli")
+    url = args.broker or app.conf.broker_url
+    if not url:
+        raise SystemExit("no broker address: pass --broker tcp://HOST:PORT")
+    if args.action == "sync" and not args.app:
+        parser.error("sync needs -A/--app")
+    if args.action in ("pause", "resume", "remove") and not args.names:
+        parser.error(f"{args.action} needs entry names")
+    client = Client(url, app.conf)
+    try:
+        if args.action == "list":
+            print(f"{'NAME':30} {'TASK':26} {'SCHEDULE':28} {'POLICY':6} {'NEXT RUN (UTC)':19} RUNS")
+            for entry in app.beat.list(client):
+                next_run = "paused" if entry["paused"] else f"{entry['next_run']:%Y-%m-%d %H:%M:%S}"
+                print(f"{entry['name']:30} {entry['task']:26} {describe(entry['schedule']):28} "
+                      f"{entry['policy']:6} {next_run:19} {entry['runs']}")
+        elif args.action == "sync":
+            for name in app.beat.sync(client):
+                print(f"registered {name}")
+        else:
+            missing = []
+            for name in args.names:
+                try:
+                    getattr(app.beat, args.action)(name, client)
+                except KeyError:
+                    missing.append(name)
+            if missing:
+                raise SystemExit(f"embedq beat: no periodic entry named {', '.join(missing)}")
+    finally:
+        client.close()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"broker": broker_main, "worker": worker_main}
+    commands = {"broker": broker_main, "worker": worker_main, "beat": beat_main}
     if not argv or argv[0] not in commands:
-        print("usage: embedq {broker,worker} [options]   (embedq COMMAND --help for options)",
+        print("usage: embedq {broker,worker,beat} [options]   (embedq COMMAND --help for options)",
               file=sys.stderr)
         return 2
     commands[argv[0]](argv[1:])

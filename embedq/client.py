@@ -186,6 +186,13 @@ class Client:
                              req, self.connection_timeout)
         return reply["states"]
 
+    def control(self, op, **fields):
+        """A CONTROL request (revoke, dead letters, stats); returns the broker's reply."""
+        conn = self.connection()
+        req = next(self.requests)
+        return conn.request(P.message(P.CONTROL, P.encode({"req": req, "op": op, **fields})),
+                            req, self.connection_timeout)
+
     def forget(self, task_ids):
         conn = self.connection()
         req = next(self.requests)

@@ -34,6 +34,14 @@ DEFAULTS = {
     "result_expires": 86400.0,
     #: Queue for tasks with no route.
     "task_default_queue": "celery",
+    #: Routes by task name (dict, globs, router functions): see embedq/routing.py.
+    "task_routes": None,
+    #: Priority of tasks that set none (0..255, higher runs sooner; None is 0).
+    "task_default_priority": None,
+    #: Report STARTED when a pool process begins a task (costs one message per task).
+    "task_track_started": False,
+    #: A task whose worker died this many times while running it becomes a dead letter.
+    "broker_max_redeliveries": 5,
     #: Pool processes per worker node (default: CPU count).
     "worker_concurrency": None,
     #: Each pool process holds at most this many tasks (one running, the rest prefetched), so a
@@ -59,6 +67,9 @@ DEFAULTS = {
     "worker_autoscale_idle": 30.0,
     #: Schedules and crontab are evaluated in this zone.
     "timezone": "UTC",
+    #: Periodic tasks, in Celery's format: {"name": {"task", "schedule", "args", "kwargs",
+    #: "options"}} plus embedq's "policy" for missed runs ("skip", "once", "all").
+    "beat_schedule": {},
 }
 
 _ENVIRONMENT = {
@@ -72,7 +83,9 @@ class Settings:
     """Attribute and mapping access to settings: ``conf.result_expires``, ``conf["timezone"]``."""
 
     def __init__(self, **overrides):
-        object.__setattr__(self, "_values", dict(DEFAULTS))
+        # mutable defaults (beat_schedule) are copied: apps must not share one dict
+        object.__setattr__(self, "_values", {k: v.copy() if isinstance(v, dict) else v
+                                             for k, v in DEFAULTS.items()})
         self.update(overrides)
 
     @classmethod

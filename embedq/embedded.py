@@ -52,16 +52,18 @@ MAP_BATCH = 1000
 
 
 def start(app=None, workers=None, data_dir=None, *, durability=None, bind=None, queues=None,
-          worker_name=None):
+          worker_name=None, beat=True):
     """Start a broker and one worker node with ``workers`` pool processes; return a Cluster.
 
     ``data_dir`` defaults to ``app.conf.broker_data_dir`` or a per-app directory under
     ``~/.local/share/embedq``, so tasks accepted before a crash run after the next start.
     ``bind`` defaults to a private ``ipc://`` socket; pass ``tcp://127.0.0.1:PORT`` to let other
-    processes on this box submit too.
+    processes on this box submit too. With ``beat`` (the default) the broker fires periodic
+    tasks, and the app's ``beat_schedule`` and ``add_periodic_task`` entries are registered.
     """
     cluster = Cluster(app or default_app(), workers=workers, data_dir=data_dir,
-                      durability=durability, bind=bind, queues=queues, worker_name=worker_name)
+                      durability=durability, bind=bind, queues=queues, worker_name=worker_name,
+                      beat=beat)
     cluster.start()
     return cluster
 
@@ -70,7 +72,7 @@ class Cluster(concurrent.futures.Executor):
     """Handle on the embedded broker and worker node; also a ``concurrent.futures.Executor``."""
 
     def __init__(self, app, *, workers=None, data_dir=None, durability=None, bind=None,
-                 queues=None, worker_name=None):
+                 queues=None, worker_name=None, beat=True):
         conf = app.conf
         self.app = app
         self.workers = workers or conf.worker_concurrency or default_concurrency()
@@ -78,6 +80,7 @@ class Cluster(concurrent.futures.Executor):
         self.durability = durability or conf.broker_durability
         self.queues = queues
         self.worker_name = worker_name or "embedded@%h"
+        self.beat = beat
         self._socket_dir = None
         self.bind = bind
         self.broker_process = None
@@ -95,6 +98,8 @@ class Cluster(concurrent.futures.Executor):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self):
+        if self.beat:
+            self.app.beat.messages()  # a bad periodic entry fails here, before anything starts
         if self.bind is None:  # a short private path: ipc:// paths are limited to ~100 bytes
             self._socket_dir = tempfile.mkdtemp(prefix="embedq-")
             self.bind = f"ipc://{self._socket_dir}/broker.sock"
@@ -103,6 +108,8 @@ class Cluster(concurrent.futures.Executor):
         self.app.conf.broker_url = self.endpoint
         self.worker_process = self._start_worker(self.endpoint)
         atexit.register(self.stop)
+        if self.beat:
+            self.app.beat.sync()
         return self
 
     def _start_broker(self):
@@ -111,6 +118,8 @@ class Cluster(concurrent.futures.Executor):
             self.bind, self.data_dir, durability=self.durability, parent_pid=os.getpid(),
             extra_args=["--heartbeat", str(conf.broker_heartbeat),
                         "--result-expires", str(conf.result_expires or 0),
+                        "--max-redeliveries", str(conf.broker_max_redeliveries),
+                        "--beat" if self.beat else "--no-beat",
                         "--loglevel", logging.getLevelName(logging.getLogger("embedq").getEffectiveLevel())])
 
     def _start_worker(self, endpoint):

@@ -81,6 +81,23 @@ class SoftTimeLimitExceeded(EmbedqError):
 class TimeLimitExceeded(EmbedqError):
     """The task ran past its hard ``time_limit``: its pool process was killed and replaced, and
     the task failed with this error (it is not redelivered)."""
+class Retry(EmbedqError):
+    """Raised by ``Task.retry()`` to end this run and schedule another (Celery's ``Retry``).
+
+    The worker turns it into a RETRY outcome: the broker keeps the task, shows RETRY, and delivers
+    it again at ``when`` (seconds since the epoch)."""
+
+    def __init__(self, message=None, exc=None, when=None):
+        super().__init__(message or f"retry at {when}" + (f": {exc!r}" if exc is not None else ""))
+        self.exc = exc
+        self.when = when
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.exc, self.when))
+
+
+class MaxRetriesExceededError(EmbedqError):
+    """``retry()`` was called with no retries left and no exception to re-raise."""
 
 
 class WorkerLostError(EmbedqError):

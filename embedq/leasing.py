@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class Leasing:
-    def __init__(self, store, heartbeat, liveness, monotonic, on_settled, instance):
+    def __init__(self, store, heartbeat, liveness, monotonic, settlement, instance, on_due, limiter):
         self.store = store
         self.heartbeat = heartbeat
         self.workers = WorkerTable(heartbeat, liveness)
@@ -33,7 +33,10 @@ class Leasing:
         #: notice the silence (one liveness timeout), reconnect (ZeroMQ backs off up to
         #: RECONNECT_IVL_MAX) and register, with the same again as margin
         self.orphan_grace = 2 * self.workers.timeout + 2 * RECONNECT_IVL_MAX_MS / 1000
-        self.on_settled = on_settled
+        self.settlement = settlement
+        #: called with the due time of a task rescheduled for a retry
+        self.on_due = on_due
+        self.limiter = limiter
         self.instance = instance
         # Leases found in the store at startup belong to pool processes that must re-join (and
         # say what they still hold) within one liveness timeout, or the tasks are redelivered.
@@ -42,7 +45,8 @@ class Leasing:
         self.unreachable_slots = set()
         self.handlers = {P.READY: self._on_ready, P.JOIN: self._on_join, P.HEARTBEAT: self._on_heartbeat,
                          P.RESULT: self._on_result, P.LOST: self._on_lost_report,
-                         P.RELEASE: self._on_release, P.DISCONNECT: self._on_disconnect}
+                         P.RELEASE: self._on_release, P.DISCONNECT: self._on_disconnect,
+                         P.PROGRESS: self._on_progress}
 
     def handle(self, batch, it, identity, command, body, now, mono):
         """Handle a worker-side command; False if ``command`` is not one."""
@@ -88,14 +92,16 @@ class Leasing:
             self._leave(batch, it, node)
         elif slot is not None:
             slot.leaving = True
-            self._release(batch, it, slot, slot.leases.items())
+            self._release(batch, it, slot, slot.leases.items(), maybe_started=True)
             it.after_commit.append(lambda: self.workers.remove_slot(slot))
 
-    def _leave(self, batch, it, node):
-        """Requeue everything a node's processes hold and forget the node (after commit)."""
+    def _leave(self, batch, it, node, crashed=False):
+        """Requeue everything a node's processes hold and forget the node (after commit).
+        ``crashed``: the node died, so what it reported running counts as a crash delivery."""
         node.leaving = True  # no dispatch to it from here on, even in this iteration
+        started = node.running if crashed else frozenset()
         for slot in node.slots.values():
-            self._release(batch, it, slot, slot.leases.items())
+            self._release(batch, it, slot, slot.leases.items(), started=started, maybe_started=True)
         it.after_commit.append(lambda: self.workers.remove(node))
 
     def _on_lost(self, batch, it, identity, body, now, mono):
@@ -105,16 +111,19 @@ class Leasing:
             return self._unknown(it, identity, body)
         info = P.decode(body[0]) if body else {}
         index = P.check_int(info.get("index"), "index")
+        running = info.get("running")
+        started = {running} if isinstance(running, int) else set()
         key = f"{node.node_id}/{index}"
         for lease in [lease for lease in self.orphans.values() if lease.node == key]:
-            self._requeue(batch, lease.task_id, lease.token)  # it died before re-joining
+            # it died before re-joining
+            self._requeue(batch, it, lease.task_id, lease.token, lease.token in started)
             del self.orphans[lease.task_id]
         slot = node.slots.get(index)
         if slot is not None:
             slot.leaving = True  # not a dispatch target any more, even in this iteration
             log.warning("pool process %s died (%s); %d task(s) redelivered", slot.key,
                         info.get("reason", "?"), len(slot.leases))
-            self._release(batch, it, slot, slot.leases.items())
+            self._release(batch, it, slot, slot.leases.items(), started=started)
             it.after_commit.append(lambda: self.workers.remove_slot(slot))
 
     def _on_lost_report(self, batch, it, identity, body, now, mono):
@@ -139,7 +148,7 @@ class Leasing:
                 log.warning("task %s exceeded its time limit in %s: settled as %s",
                             header.id, key, header.state)
                 self.orphans.pop(header.id, None)
-                self.on_settled(batch, it, header, raw, payload)
+                self.settlement.store_result(batch, it, header.id, raw, payload)
         self._on_lost(batch, it, identity, body[:1], now, mono)
 
     def _on_release(self, batch, it, identity, body, now, mono):
@@ -161,10 +170,10 @@ class Leasing:
         for node in self.workers.expired(mono):
             log.warning("worker node %s silent for %.1fs: evicted, %d task(s) redelivered",
                         node.node_id, mono - node.last_seen, len(node.leases()))
-            self._leave(batch, it, node)
+            self._leave(batch, it, node, crashed=True)
         for slot in self.unreachable_slots:
             slot.leaving = True
-            self._release(batch, it, slot, slot.leases.items())
+            self._release(batch, it, slot, slot.leases.items(), maybe_started=True)
             it.after_commit.append(lambda slot=slot: self.workers.remove_slot(slot))
         self.unreachable_slots = set()
         if self.orphans and mono >= self.orphan_deadline:
@@ -173,7 +182,7 @@ class Leasing:
             running = set().union(*(node.running for node in self.workers.nodes.values()))
             expired = [lease for lease in self.orphans.values() if lease.token not in running]
             for lease in expired:
-                self._requeue(batch, lease.task_id, lease.token)
+                self._requeue(batch, it, lease.task_id, lease.token, None)
                 del self.orphans[lease.task_id]
             if expired:
                 log.info("%d lease(s) of processes that did not come back were requeued", len(expired))
@@ -241,24 +250,43 @@ class Leasing:
                 continue
             it.after_commit.append(lambda t=header.token: slot.leases.pop(t, None))
             it.credit[slot] += 1  # the slot can take another task in this very iteration
-            self.on_settled(batch, it, header, raw, payload)
+            if header.state == P.RETRY_STATE:
+                self.on_due(self.settlement.retry(batch, header, raw, payload))
+            else:
+                self.settlement.store_result(batch, it, header.id, raw, payload)
         it.add(identity, P.SETTLED, *settled)
 
+    def _on_progress(self, batch, it, identity, body, now, mono):
+        """A running task's STARTED or custom state (``update_state``): shown until it settles."""
+        slot = self.workers.slot(identity)
+        if slot is None:
+            return self._unknown(it, identity, body)
+        info = P.decode(body[0]) if body else {}
+        task_id = P.check_name(info.get("id"), "task id")
+        token = P.check_int(info.get("token"), "token")
+        state = P.check_name(info.get("state"), "state")
+        if state in P.FINAL_STATES or state == P.RETRY_STATE:
+            raise ProtocolError(f"PROGRESS cannot set the state {state}: send a RESULT")
+        lease = batch.get_lease(task_id)
+        if lease is not None and lease.token == token and token in slot.leases:
+            batch.set_progress(task_id, {"state": state, "meta": info.get("meta")})
+
     # -- leases ------------------------------------------------------------------------------
-    def _release(self, batch, it, slot, leases, forget=True):
-        """Requeue the given (token, task id) leases; drop them from the slot after commit."""
+    def _release(self, batch, it, slot, leases, forget=True, started=frozenset(), maybe_started=False):
+        """Requeue the given (token, task id) leases; drop them from the slot after commit.
+        Tokens in ``started`` were running when their worker died (crash deliveries); with
+        ``maybe_started`` the others may have started too (they count for at-most-once tasks)."""
         leases = list(leases)
         for token, task_id in leases:
-            self._requeue(batch, task_id, token)
+            crashed = True if token in started else (None if maybe_started else False)
+            self._requeue(batch, it, task_id, token, crashed)
         if forget and leases:
             tokens = [token for token, _ in leases]
             it.after_commit.append(lambda: [slot.leases.pop(t, None) for t in tokens])
             it.credit[slot] += len(tokens)
 
-    def _requeue(self, batch, task_id, token):
-        lease = batch.get_lease(task_id)
-        if lease is not None and lease.token == token:
-            batch.requeue(task_id)
+    def _requeue(self, batch, it, task_id, token, crashed):
+        self.settlement.requeue(batch, it, task_id, token, crashed)
 
     # -- dispatch ------------------------------------------------------------------------------
     def dispatch(self, batch, it, now):
@@ -278,7 +306,7 @@ class Leasing:
             still_hungry = []
             for slot in slots:
                 credit = slot.credit + it.credit[slot]
-                tasks = self._take(batch, slot, min(credit, share))
+                tasks = self._take(batch, slot, min(credit, share), now)
                 if not tasks:
                     continue
                 it.credit[slot] -= len(tasks)
@@ -295,8 +323,18 @@ class Leasing:
                     still_hungry.append(slot)
             slots = still_hungry
 
-    def _take(self, batch, slot, limit):
-        queues = slot.queues
+    def _take(self, batch, slot, limit, now):
+        """Up to ``limit`` of the best ready tasks for ``slot`` that their rate limits let start."""
+        taken = []
+        while len(taken) < limit:
+            found = self._take_ready(batch, slot.queues, limit - len(taken))
+            if not found:
+                break
+            taken += self._admitted(batch, found, now)
+        return taken
+
+    @staticmethod
+    def _take_ready(batch, queues, limit):
         if len(queues) == 1:
             return batch.take_ready(queues[0], limit)
         taken = []
@@ -306,6 +344,21 @@ class Leasing:
                 break
             taken += batch.take_ready(min(keys)[1], 1)
         return taken
+
+    def _admitted(self, batch, tasks, now):
+        """Tasks whose type is over its rate limit wait in ``scheduled`` for their slot."""
+        admitted = []
+        for task in tasks:
+            task_id, raw, _ = task
+            if b'"rate_limit"' in raw:  # (a JSON string value cannot contain this unescaped)
+                header = P.TaskHeader.parse(raw)
+                due = header.rate and self.limiter.admit(task_id, header.task, header.rate, now)
+                if due:
+                    batch.schedule(task_id.encode(), batch.task(task_id)[0], due)
+                    self.on_due(due)
+                    continue
+            admitted.append(task)
+        return admitted
 
     # -- liveness ------------------------------------------------------------------------------
     def unreachable(self, identity, error=None):

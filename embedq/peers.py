@@ -85,6 +85,12 @@ class WorkerTable:
     def node_by_id(self, node_id):
         return self.by_node_id.get(node_id)
 
+    def slot_by_key(self, key):
+        """The live slot recorded in a lease as ``node id/index``, or None."""
+        node_id, _, index = key.rpartition("/")
+        node = self.by_node_id.get(node_id)
+        return node.slots.get(int(index)) if node is not None and index.isdigit() else None
+
     def register(self, identity, node_id, queues, now, info=None):
         """Add a node. If the node id is known (it reconnected on a new socket), the old entry is
         removed and returned so the caller can settle its slots' leases."""

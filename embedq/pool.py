@@ -39,7 +39,7 @@ import zmq
 from . import limits as L
 from . import protocol as P
 from . import serialize, states
-from .errors import NotRegistered, SoftTimeLimitExceeded
+from .errors import NotRegistered, Retry, SoftTimeLimitExceeded, TaskRevokedError
 from .lifecycle import die_with_parent
 from .transport import dealer, receive_ready, send_frames
 
@@ -104,7 +104,8 @@ class PoolWorker:
         self.finished = []                    # result frames not sent yet (sent when idle)
         self.tasks_run = 0
         self.soft_limit = L.SoftLimit()
-        self.in_task = False                  # task code is running (the socket is not in use)
+        self.in_task = False                  # task code is running (the socket is free, unless
+        self.sending = False                  # it is sending a PROGRESS: then this is set)
         self.drain_requested = False          # warm shutdown asked for (pipe or SIGUSR1)
         self.retiring = None                  # EXIT_* code once retiring
         self.retire_deadline = 0.0
@@ -189,6 +190,8 @@ class PoolWorker:
                         self._release(tokens)
                     self.status[WAITING] = len(self.backlog)
                     self.status[RECEIVED] += len(tokens)
+                elif command == P.REVOKE:
+                    self._drop(set(P.int_list(P.decode(body[0]).get("tokens"))))
                 elif command == P.SETTLED:
                     for token in body:
                         self.unsettled.pop(int(token), None)
@@ -204,10 +207,11 @@ class PoolWorker:
     # -- retiring ------------------------------------------------------------------------------
     def _on_drain_signal(self, signum, frame):
         """SIGUSR1 from the supervisor (warm shutdown). While task code runs, the socket is not
-        in use, so the prefetched deliveries are handed back right now; otherwise the loop does
-        it before it starts anything else."""
+        in use (unless a PROGRESS is being sent: then right after it), so the prefetched
+        deliveries are handed back right now; otherwise the loop does it before it starts
+        anything else."""
         self.drain_requested = True
-        if self.in_task:
+        if self.in_task and not self.sending:  # (task code may be sending a PROGRESS)
             self._retire(EXIT_DRAINED)
 
     def _check_recycle(self):
@@ -244,6 +248,9 @@ class PoolWorker:
     # -- running -------------------------------------------------------------------------------
     def _run(self, token, raw_header, payload):
         header = P.decode(raw_header)
+        expires = header.get("expires")
+        if expires is not None and time.time() > expires:  # it waited here past its expiry
+            return self._finish(token, *revoked_result(header, token, "expired"))
         soft, hard = L.effective(header, self.app.tasks.get(header.get("task")), self.limits)
         status = self.status
         status[WAITING] = len(self.backlog)
@@ -254,12 +261,19 @@ class PoolWorker:
         status[LIMIT] = hard or 0
         status[DEADLINE] = time.monotonic() + hard if hard else 0
         status[TOKEN] = token
+
+        def report(state, meta=None):
+            self._send(P.PROGRESS, P.encode({"id": header["id"], "token": token, "state": state,
+                                             "meta": meta}))
+            if self.drain_requested:  # a drain signal came during that send: act on it now
+                self._retire(EXIT_DRAINED)
+
         self.in_task = True
         if self.drain_requested:  # asked just before we started: hand the rest back first
             self._retire(EXIT_DRAINED)
         try:
             self.soft_limit.arm(soft)
-            result, body = execute(self.app, token, header, payload)
+            result, body = execute(self.app, token, header, payload, report)
         except SoftTimeLimitExceeded as exc:  # fired outside the task's own code
             result, body = L.failure(token, header, exc, started)
         finally:
@@ -270,9 +284,18 @@ class PoolWorker:
             status[IDLE_SINCE] = time.monotonic()
         self.tasks_run += 1
         status[RAN] = self.tasks_run
+        self._finish(token, result, body)
+
+    def _finish(self, token, result, body):
         raw = P.encode(result)
         self.unsettled[token] = (raw, body, time.monotonic())
         self.finished += (raw, body)
+
+    def _drop(self, tokens):
+        """The broker revoked these deliveries: the ones not started yet end REVOKED unrun."""
+        for item in [item for item in self.backlog if item[0] in tokens]:
+            self.backlog.remove(item)
+            self._finish(item[0], *revoked_result(P.decode(item[1]), item[0], "revoked"))
 
     def held(self):
         return sorted({token for token, _, _ in self.backlog} | set(self.unsettled))
@@ -288,14 +311,24 @@ class PoolWorker:
             self._send(P.HEARTBEAT, P.encode({"held": self.held(), "seen": self.seen}))
 
     def _send(self, command, *body):
+        self.sending = True  # a signal handler must not send in the middle of this message
         try:
             send_frames(self.socket, P.message(command, *body))
             self.last_sent = time.monotonic()
         except zmq.ZMQError:
             pass  # resent later from self.unsettled
+        finally:
+            self.sending = False
 
 
-def execute(app, token, header, payload):
+def revoked_result(header, token, reason):
+    """(result header, payload) of a delivery dropped unrun (revoked, or expired on arrival)."""
+    body, meta = serialize.dumps_exception(TaskRevokedError(reason))
+    return ({"id": header["id"], "token": token, "task": header.get("task"), "state": states.REVOKED,
+             "date_done": time.time(), **meta}, body)
+
+
+def execute(app, token, header, payload, report=None):
     """Run one task; never raises. Returns (result header dict, result payload)."""
     started = time.time()
     result = {"id": header["id"], "token": token, "task": header["task"]}
@@ -310,9 +343,19 @@ def execute(app, token, header, payload):
                 raise NotRegistered(
                     f"task {header['task']!r} is not registered on this worker; start the worker "
                     f"with -A <the module that defines it>")
-            value = task.run_with_request(header, args, kwargs)
+            track = task.track_started if task.track_started is not None else app.conf.task_track_started
+            if track and report is not None:
+                report(states.STARTED, {"pid": os.getpid()})
+            value = task.run_with_request(header, args, kwargs, report)
         body, codec = serialize.dumps(value)
         result.update(state=states.SUCCESS, codec=codec)
+    except Retry as retry:  # not a failure: the broker runs it again at retry.when
+        body, meta = serialize.dumps_exception(retry.exc if retry.exc is not None else retry)
+        result.update(state=states.RETRY, eta=retry.when, retries=header.get("retries", 0) + 1, **meta)
+        new_args = getattr(retry, "new_args", None)
+        if new_args is not None:  # the payload is the next run's arguments, not the exception
+            body, codec = serialize.dumps(new_args)
+            result.update(new_args=True, codec=codec)
     except Exception as exc:  # the task's failure is data; the process carries on
         body, meta = serialize.dumps_exception(exc)
         result.update(state=states.FAILURE, **meta)

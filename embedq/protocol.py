@@ -10,7 +10,9 @@ import json
 from typing import NamedTuple
 
 from .errors import ProtocolError
+from .ratelimit import parse_rate
 from .states import READY_STATES as FINAL_STATES
+from .states import RETRY as RETRY_STATE
 
 #: Version frame; a peer speaking anything else is sent DISCONNECT.
 PROTOCOL = b"EQ1"
@@ -20,6 +22,8 @@ SUBMIT = b"SUBMIT"      # {"req"} (header, payload)*      -> ACK
 WAIT = b"WAIT"          # {"ids"}                         -> RESULT / STATE as each settles
 STATUS = b"STATUS"      # {"req", "ids"}                  -> STATE
 FORGET = b"FORGET"      # {"req", "ids"}                  -> ACK
+CONTROL = b"CONTROL"    # {"req", "op", ...}: revoke, dead letters, inspect (control.py) -> ACK
+BEAT = b"BEAT"          # {"req", "op", ...} (entry, payload)*  -> ACK, or STATE for "list" (beat.py)
 # broker -> client
 ACK = b"ACK"            # {"req", "ok": count accepted, "dup": [ids], "error"?, "message"?}
 RESULT = b"RESULT"      # (result header, payload)*  (also worker -> broker)
@@ -36,12 +40,15 @@ JOIN = b"JOIN"          # {"node", "index", "capacity", "held"}  -> WELCOME {"br
 TASK = b"TASK"          # (token, header, payload)*
 SETTLED = b"SETTLED"    # token*: results committed, the process may forget them
 RELEASE = b"RELEASE"    # {"tokens", "leaving"}: the process will not run these; requeue them now
+PROGRESS = b"PROGRESS"  # {"id", "token", "state", "meta"?}: STARTED / custom state while running
+REVOKE = b"REVOKE"      # to a pool process {"tokens"}: drop these if not started;
+                        # to a node {"tokens", "signal"}: kill the process running them
 WELCOME = b"WELCOME"
 # both ways
 DISCONNECT = b"DISCONNECT"  # {"reason"}: "I do not know you / you broke protocol: register again"
 
-CLIENT_COMMANDS = frozenset({SUBMIT, WAIT, STATUS, FORGET})
-WORKER_COMMANDS = frozenset({READY, JOIN, LOST, HEARTBEAT, RESULT, RELEASE, DISCONNECT})
+CLIENT_COMMANDS = frozenset({SUBMIT, WAIT, STATUS, FORGET, CONTROL, BEAT})
+WORKER_COMMANDS = frozenset({READY, JOIN, LOST, HEARTBEAT, RESULT, PROGRESS, RELEASE, DISCONNECT})
 
 # LOST "kind": why a pool process is gone (absent means LOST_CRASH)
 LOST_CRASH = "crash"              # died on its own (kill -9, segfault, os._exit)
@@ -147,6 +154,14 @@ class TaskHeader(NamedTuple):
     expires: float | None
     notify: bool
     reply_to: str | None
+    #: tasks per second for this task type, enforced by the broker across all workers
+    rate: float | None
+    #: False: at most once (never redelivered once it may have started)
+    acks_late: bool
+    #: False: a task whose worker died fails with WorkerLostError instead of being redelivered
+    reject_on_worker_lost: bool
+    #: deliveries that ended with the worker dying (the dead-letter count)
+    redelivered: int
 
     @classmethod
     def parse(cls, frame):
@@ -164,21 +179,41 @@ class TaskHeader(NamedTuple):
             expires=_optional_time(obj.get("expires"), "expires"),
             notify=bool(obj.get("notify", True)),
             reply_to=obj.get("reply_to") if isinstance(obj.get("reply_to"), str) else None,
+            rate=_rate(obj.get("rate_limit")),
+            acks_late=obj.get("acks_late") is not False,
+            reject_on_worker_lost=obj.get("reject_on_worker_lost") is not False,
+            redelivered=obj.get("redelivered") if isinstance(obj.get("redelivered"), int) else 0,
         )
 
 
+def _rate(value):
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+
+
 class ResultHeader(NamedTuple):
-    """The part of a worker's result the broker reads."""
+    """The part of a worker's result the broker reads: a final state, or RETRY at ``eta``."""
 
     id: str
     token: int
     state: str
+    eta: float | None
+    retries: int
 
     @classmethod
     def parse(cls, frame):
         obj = decode(frame)
         token = check_int(obj.get("token"), "result token")
         state = obj.get("state")
-        if state not in FINAL_STATES:
-            raise ProtocolError(f"result state must be one of {sorted(FINAL_STATES)}")
-        return cls(id=check_name(obj.get("id"), "task id"), token=token, state=state)
+        eta, retries = None, 0
+        if state == RETRY_STATE:
+            eta = _optional_time(obj.get("eta"), "retry eta")
+            retries = check_int(obj.get("retries"), "retries")
+            if eta is None:
+                raise ProtocolError("a RETRY result needs an eta")
+        elif state not in FINAL_STATES:
+            raise ProtocolError(f"result state must be RETRY or one of {sorted(FINAL_STATES)}")
+        return cls(id=check_name(obj.get("id"), "task id"), token=token, state=state, eta=eta,
+                   retries=retries)

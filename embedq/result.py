@@ -5,6 +5,8 @@ Until then ``state`` asks the broker each time, and ``get()`` blocks on the resu
 pushes when the task settles; nothing polls.
 """
 
+import base64
+
 from . import serialize, states
 
 
@@ -67,12 +69,21 @@ class AsyncResult:
 
     @property
     def result(self):
-        """The return value, or the exception for a failed task (None while unfinished)."""
-        if self._header is None and not self.ready():
-            return None
+        """The return value, or the exception for a failed task; while unfinished, the ``meta``
+        of a custom state (``update_state``) or the exception of a pending RETRY, else None."""
+        if self._header is None:
+            info = self._meta()
+            if info["state"] not in states.READY_STATES:
+                if info["state"] == states.RETRY:
+                    return serialize.loads_exception(base64.b64decode(info.get("exc_pickle", "")), info)
+                return info.get("meta")
         return self.get(propagate=False)
 
     info = result
+
+    def revoke(self, terminate=False, signal="SIGTERM"):
+        """Stop this task from running (``terminate=True``: kill it if it is running)."""
+        self.app.control.revoke(self.id, terminate=terminate, signal=signal)
 
     # -- waiting ---------------------------------------------------------------------------
     def get(self, timeout=None, propagate=True, interval=None, disable_sync_subtasks=True):

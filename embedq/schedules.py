@@ -161,7 +161,8 @@ def _utc(dt: Any, what: str) -> datetime:
 
 
 class crontab:
-    """Cron-style schedule, evaluated in time zone ``tz`` (default "UTC").
+    """Cron-style schedule, evaluated in time zone ``tz`` (default "UTC"; for beat entries
+    without a ``tz`` of their own, the app's ``timezone`` setting, as in Celery).
 
     Fields take ints, iterables of ints, or strings such as ``*/15``,
     ``1-30/5``, ``1,5,9``, ``mon-fri``, ``jan``; Sunday is 0 or 7.  As in
@@ -181,8 +182,10 @@ class crontab:
 
     def __init__(self, minute: Any = "*", hour: Any = "*",
                  day_of_week: Any = "*", day_of_month: Any = "*",
-                 month_of_year: Any = "*", tz: Union[str, ZoneInfo] = "UTC"):
-        self.tz = _zone(tz)
+                 month_of_year: Any = "*", tz: Union[str, ZoneInfo, None] = None):
+        #: whether tz was given; beat evaluates a crontab without one in the app's timezone
+        self.tz_given = tz is not None
+        self.tz = _zone("UTC" if tz is None else tz)
         self._texts: dict[str, str] = {}
         for field, spec in zip(_FIELDS, (minute, hour, day_of_week,
                                          day_of_month, month_of_year)):
@@ -210,7 +213,7 @@ class crontab:
         return expr, filter_weekday
 
     @classmethod
-    def from_string(cls, expr: str, tz: Union[str, ZoneInfo] = "UTC") -> crontab:
+    def from_string(cls, expr: str, tz: Union[str, ZoneInfo, None] = None) -> crontab:
         """Parse standard cron order: minute hour day_of_month month day_of_week."""
         fields = expr.split() if isinstance(expr, str) else []
         if len(fields) != 5:

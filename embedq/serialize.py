@@ -13,6 +13,7 @@ import traceback as traceback_module
 
 import cloudpickle
 
+from . import errors
 from .errors import RemoteTaskError
 
 PICKLE = "pickle"
@@ -65,6 +66,8 @@ def loads_exception(payload, meta):
         exc = pickle.loads(payload) if payload else None
     except Exception:
         exc = None
+    if exc is None:
+        exc = _embedq_error(meta)
     if not isinstance(exc, BaseException):
         exc = RemoteTaskError(meta.get("exc_type", "Exception"), meta.get("exc_message", ""),
                               meta.get("traceback", ""))
@@ -74,3 +77,16 @@ def loads_exception(payload, meta):
         exc.add_note("Remote traceback (from the worker):\n" + remote_tb.rstrip())
         exc._embedq_noted = True
     return exc
+
+
+def _embedq_error(meta):
+    """Results the broker writes itself (revoked, expired, worker lost) carry no pickle, only the
+    name of an ``embedq.errors`` class."""
+    module, _, name = str(meta.get("exc_type", "")).rpartition(".")
+    cls = getattr(errors, name, None) if module == errors.__name__ else None
+    if isinstance(cls, type) and issubclass(cls, errors.EmbedqError):
+        try:
+            return cls(meta.get("exc_message", ""))
+        except Exception:
+            return None
+    return None

@@ -10,10 +10,12 @@ Named databases and their keys (integers are big-endian so byte order is numeric
     leases     id                                  -> token u64 | since_us u64 | node id
                delivered to a worker node; the token names this delivery, so a late result from
                an evicted node is recognised and discarded
-    results    id                                  -> expires_us u64 | hlen u32 | header JSON | payload
-               (expires_us 0: kept forever)
-    expiry     expires_us u64 | id                 -> b""   (result clean-up order)
-    meta       b"seq" -> u64 (last sequence number / delivery token); b"version" -> b"1"
+    meta       b"seq" -> u64 (last sequence number / delivery token); b"version" -> b"2"
+    beat       entry name                          -> hlen u32 | entry JSON | args payload
+               periodic entries (beat.py): schedule, task header template and run state (last
+               and next slot), rewritten in the transaction that enqueues the run it produces
+
+    results, expiry, progress, revoked, dead, expiring: how tasks ended or are doing, see records.py
 
 One write transaction per broker loop iteration (group commit). ``fsync`` durability opens LMDB
 with ``sync=True`` (a committed transaction survives power loss); ``process`` with ``sync=False``
@@ -32,6 +34,7 @@ import lmdb
 
 from .errors import ConfigurationError, DataDirLocked
 from .protocol import TaskHeader
+from .records import OutcomeRecords, join_record, split_record, us
 
 log = logging.getLogger(__name__)
 
@@ -43,26 +46,10 @@ GROW_THRESHOLD = 0.6
 SCHEMA_VERSION = b"2"
 
 _U64 = struct.Struct(">Q")
-_U32 = struct.Struct(">I")
 _TASK_PREFIX = struct.Struct(">QI")       # seq, header length
 _LEASE = struct.Struct(">QQ")              # token, since (µs)
 _READY_SUFFIX = struct.Struct(">BQ")      # 255 - priority, seq
 _DUE = struct.Struct(">QQ")                # due (µs), seq
-
-
-def _us(seconds):
-    return int(seconds * 1_000_000)
-
-
-def split_record(value, offset=0):
-    """``hlen u32 | header | payload`` (at ``offset``) -> (header, payload)."""
-    (hlen,) = _U32.unpack_from(value, offset)
-    start = offset + 4
-    return value[start:start + hlen], value[start + hlen:]
-
-
-def join_record(header, payload):
-    return _U32.pack(len(header)) + header + payload
 
 
 class Lease:
@@ -79,13 +66,14 @@ class Store:
         self.max_size = max_size
         self._lock_file = _lock_data_dir(path)
         self.env = lmdb.open(
-            path, map_size=min(INITIAL_MAP_SIZE, max_size), max_dbs=8, subdir=True,
+            path, map_size=min(INITIAL_MAP_SIZE, max_size), max_dbs=16, subdir=True,
             sync=(durability == "fsync"), metasync=(durability == "fsync"),
             writemap=False, readahead=False, max_readers=64,
         )
         self.env.reader_check()
         self.grow_to_fit()
-        names = ("tasks", "ready", "scheduled", "leases", "results", "expiry", "meta")
+        names = ("tasks", "ready", "scheduled", "leases", "results", "expiry", "meta", "progress",
+                 "revoked", "dead", "expiring", "beat")
         self.db = {name: self.env.open_db(name.encode()) for name in names}
         with self.env.begin(write=True) as txn:
             meta = self.db["meta"]
@@ -140,13 +128,18 @@ class Store:
         with self.env.begin() as txn:
             return [_parse_lease(k, v) for k, v in txn.cursor(db=self.db["leases"])]
 
+    def beat_entries(self):
+        """Every periodic entry as (name, entry JSON, payload), in name order."""
+        with self.env.begin() as txn:
+            return [(k.decode(), *split_record(v)) for k, v in txn.cursor(db=self.db["beat"])]
+
 
 def _parse_lease(key, value):
     token, since = _LEASE.unpack_from(value)
     return Lease(key.decode(), token, since / 1e6, value[_LEASE.size:].decode())
 
 
-class Batch:
+class Batch(OutcomeRecords):
     """One write transaction: everything a loop iteration changes, committed at once."""
 
     def __init__(self, store):
@@ -189,10 +182,31 @@ class Batch:
         if not self.txn.put(key, value, db=self.db["tasks"], overwrite=False):
             return False
         if header.eta is not None and header.eta > now:
-            self.txn.put(_DUE.pack(_us(header.eta), seq), key, db=self.db["scheduled"])
+            self.schedule(key, seq, header.eta)
         else:
             self._make_ready(key, header.queue, header.priority, seq)
+        if header.expires is not None:
+            self.watch_expiry(header.id, header.expires)
         return True
+
+    def schedule(self, key, seq, due):
+        """Hold a task (its id as bytes) until ``due``; ``promote_due`` makes it ready then."""
+        self.dirty = True
+        self.txn.put(_DUE.pack(us(due), seq), key, db=self.db["scheduled"])
+
+    def rewrite_header(self, task_id, raw_header, payload=None):
+        """Replace an unsettled task's header (retry count, eta...), keeping its seq and (unless
+        given a new one) its payload. Returns the seq, or None if the task is not here."""
+        key = task_id.encode()
+        value = self.txn.get(key, db=self.db["tasks"])
+        if value is None:
+            return None
+        seq, hlen = _TASK_PREFIX.unpack_from(value)
+        if payload is None:
+            payload = value[_TASK_PREFIX.size + hlen:]
+        self.dirty = True
+        self.txn.put(key, _TASK_PREFIX.pack(seq, len(raw_header)) + raw_header + payload, db=self.db["tasks"])
+        return seq
 
     def _make_ready(self, key, queue, priority, seq):
         self.txn.put(queue.encode() + b"\0" + _READY_SUFFIX.pack(255 - priority, seq), key,
@@ -238,22 +252,26 @@ class Batch:
             return cursor.key()[len(prefix):]
         return None
 
-    def requeue(self, task_id):
-        """Put a leased task back at its original place in its queue (it goes first again)."""
+    def requeue(self, task_id, raw_header=None):
+        """Put a leased task back at its original place in its queue (it goes first again),
+        optionally with a rewritten header."""
         record = self.task(task_id)
         self.dirty = True
         self.txn.delete(task_id.encode(), db=self.db["leases"])
+        self.clear_progress(task_id)
         if record is None:
             return False
-        seq, raw_header, _ = record
-        header = TaskHeader.parse(raw_header)
+        seq, stored_header, _ = record
+        if raw_header is not None:
+            self.rewrite_header(task_id, raw_header)
+        header = TaskHeader.parse(raw_header or stored_header)
         self._make_ready(task_id.encode(), header.queue, header.priority, seq)
         return True
 
     def promote_due(self, now, limit=10000):
         """Move scheduled tasks whose time has come to their ready queue. Returns the next due time."""
         cursor = self.txn.cursor(db=self.db["scheduled"])
-        bound = _us(now)
+        bound = us(now)
         moved = 0
         while cursor.first() and moved < limit:
             due_us, seq = _DUE.unpack(cursor.key())
@@ -276,63 +294,40 @@ class Batch:
     # -- leases ----------------------------------------------------------------------------
     def lease(self, task_id, token, node, now):
         self.dirty = True
-        self.txn.put(task_id.encode(), _LEASE.pack(token, _us(now)) + node.encode(), db=self.db["leases"])
+        self.txn.put(task_id.encode(), _LEASE.pack(token, us(now)) + node.encode(), db=self.db["leases"])
 
     def get_lease(self, task_id):
         value = self.txn.get(task_id.encode(), db=self.db["leases"])
         return None if value is None else _parse_lease(task_id.encode(), value)
-
-    # -- results ---------------------------------------------------------------------------
-    def settle(self, task_id, raw_header, payload, expires_at):
-        """Store a final result and drop the task and its lease, in this transaction."""
-        self.dirty = True
-        key = task_id.encode()
-        self.txn.delete(key, db=self.db["tasks"])
-        self.txn.delete(key, db=self.db["leases"])
-        expires = _U64.pack(_us(expires_at) if expires_at is not None else 0)
-        self.txn.put(key, expires + join_record(raw_header, payload), db=self.db["results"])
-        if expires_at is not None:
-            self.txn.put(expires + key, b"", db=self.db["expiry"])
-
-    def result(self, task_id):
-        value = self.txn.get(task_id.encode(), db=self.db["results"])
-        return None if value is None else split_record(value, 8)
-
-    def forget(self, task_id):
-        """Drop a stored result and its expiry entry."""
-        key = task_id.encode()
-        value = self.txn.get(key, db=self.db["results"])
-        if value is None:
-            return False
-        self.dirty = True
-        self.txn.delete(value[:8] + key, db=self.db["expiry"])
-        return self.txn.delete(key, db=self.db["results"])
-
-    def expire_results(self, now, limit=1000):
-        cursor = self.txn.cursor(db=self.db["expiry"])
-        bound = _U64.pack(_us(now))
-        removed = 0
-        if not cursor.first():
-            return 0
-        while removed < limit:
-            key = cursor.key()
-            if not key or key[:8] > bound:
-                break
-            self.dirty = True
-            value = self.txn.get(key[8:], db=self.db["results"])
-            if value is not None and value[:8] == key[:8]:  # not a newer result under that id
-                self.txn.delete(key[8:], db=self.db["results"])
-            cursor.delete()
-            removed += 1
-        return removed
 
     def is_known(self, task_id):
         key = task_id.encode()
         return (self.txn.get(key, db=self.db["tasks"]) is not None
                 or self.txn.get(key, db=self.db["results"]) is not None)
 
+    def drop_lease(self, task_id):
+        if self.txn.delete(task_id.encode(), db=self.db["leases"]):
+            self.dirty = True
+
     def has_lease(self, task_id):
         return self.txn.get(task_id.encode(), db=self.db["leases"]) is not None
+
+    # -- periodic entries (beat.py) --------------------------------------------------------
+    def beat_entry(self, name):
+        """(entry JSON, payload) of a periodic entry, or None."""
+        value = self.txn.get(name.encode(), db=self.db["beat"])
+        return None if value is None else split_record(value)
+
+    def put_beat_entry(self, name, entry, payload):
+        self.dirty = True
+        self.txn.put(name.encode(), join_record(entry, payload), db=self.db["beat"])
+
+    def delete_beat_entry(self, name):
+        self.dirty = True
+        return self.txn.delete(name.encode(), db=self.db["beat"])
+
+    def beat_names(self):
+        return [key.decode() for key in self.txn.cursor(db=self.db["beat"]).iternext(values=False)]
 
 
 def _lock_data_dir(path):

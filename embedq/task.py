@@ -5,6 +5,7 @@ Mirrors ``celery.Task``: ``@app.task`` builds a subclass whose ``run`` is the fu
 name up in its own app, which is why the worker must import the module that defines the task.
 """
 
+import json
 import math
 import threading
 import time
@@ -12,12 +13,15 @@ import uuid
 
 from . import protocol as P
 from . import serialize
+from .errors import Retry
+from .ratelimit import parse_rate
+from .retries import autoretry_countdown, retry_signal, wants_autoretry
 
 
 class Request:
     """What a running task knows about its own delivery (``self.request`` in bound tasks)."""
 
-    def __init__(self, header=None, args=(), kwargs=None):
+    def __init__(self, header=None, args=(), kwargs=None, report=None):
         header = header or {}
         self.id = header.get("id")
         self.task = header.get("task")
@@ -29,6 +33,8 @@ class Request:
         self.priority = header.get("priority", 0)
         self.delivery_info = {"queue": header.get("queue"), "priority": self.priority}
         self.called_directly = not header
+        #: sends a non-final state of this delivery to the broker (set by the pool process)
+        self.report = report
 
     def __repr__(self):
         return f"<Request {self.task}[{self.id}]>"
@@ -53,6 +59,24 @@ class Task:
     #: Soft limit, seconds: SoftTimeLimitExceeded is raised inside the task. None: the worker's
     #: default (``--soft-time-limit``, ``task_soft_time_limit``).
     soft_time_limit = None
+    #: Retries: as Celery's (see retries.py).
+    max_retries = 3
+    default_retry_delay = 180
+    autoretry_for = ()
+    dont_autoretry_for = ()
+    retry_kwargs = {}
+    retry_backoff = False
+    retry_backoff_max = 600
+    retry_jitter = True
+    #: ``"100/s" | "10/m" | "5/h"``: enforced by the broker across all workers (not per worker).
+    rate_limit = None
+    #: True (default): ack after the run, redeliver if the worker dies. False: at most once.
+    acks_late = True
+    #: None/True: a task whose worker died is redelivered (embedq's default, dead-lettered after
+    #: ``broker_max_redeliveries``); False: it fails with WorkerLostError instead.
+    reject_on_worker_lost = None
+    #: Report STARTED when a pool process begins the task (None: ``task_track_started``).
+    track_started = None
 
     _fun = None
 
@@ -74,14 +98,51 @@ class Task:
         stack = getattr(self._local, "stack", None)
         return stack[-1] if stack else Request()
 
-    def run_with_request(self, header, args, kwargs):
+    def run_with_request(self, header, args, kwargs, report=None):
         """Used by pool processes: run with ``self.request`` describing this delivery."""
         stack = self._local.__dict__.setdefault("stack", [])
-        stack.append(Request(header, args, kwargs))
+        stack.append(Request(header, args, kwargs, report))
         try:
             return self.run(*args, **kwargs)
+        except Retry:
+            raise
+        except Exception as exc:
+            if not wants_autoretry(self, exc):
+                raise
+            options = {"countdown": autoretry_countdown(self, self.request.retries), **self.retry_kwargs}
+            raise self.retry(exc=exc, **options) from exc
         finally:
             stack.pop()
+
+    def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
+              max_retries=None, **options):
+        """End this run and have the broker run the task again later (Celery's ``retry``).
+
+        Raises :class:`Retry` (``throw=False`` returns it), or, with no retries left, ``exc``
+        (else ``MaxRetriesExceededError``) so that the task fails with it."""
+        request = self.request
+        if request.called_directly:
+            raise exc if exc is not None else RuntimeError("retry() outside a worker: the task was called directly")
+        signal = retry_signal(request, exc, countdown, eta,
+                              self.max_retries if max_retries is None else max_retries,
+                              self.default_retry_delay, time.time())
+        if isinstance(signal, Retry) and (args is not None or kwargs is not None):
+            signal.new_args = (tuple(request.args if args is None else args),
+                               dict(request.kwargs if kwargs is None else kwargs))
+        if not throw and isinstance(signal, Retry):
+            return signal
+        raise signal
+
+    def update_state(self, task_id=None, state=None, meta=None):
+        """Show a custom state (e.g. ``"PROGRESS"``) with JSON ``meta`` while this task runs."""
+        request = self.request
+        if task_id not in (None, request.id) or request.report is None:
+            raise ValueError("update_state works for the running task's own id, inside a worker")
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"update_state meta must be JSON-serialisable: {exc}") from None
+        request.report(state, meta)
 
     # -- sending -------------------------------------------------------------------------------
     def delay(self, *args, **kwargs):
@@ -113,11 +174,20 @@ class Task:
         if ignore_result is None:
             ignore_result = self.ignore_result
         task_id = task_id or str(uuid.uuid4())
+        route = self.app.router.route(self.name, args, kwargs, options, self) if not (queue and priority) else {}
+        if priority is None:
+            priority = self.priority if self.priority is not None else route.get("priority")
+        priority = priority if priority is not None else self.app.conf.task_default_priority
+        if priority is not None and not (isinstance(priority, int) and 0 <= priority <= P.MAX_PRIORITY):
+            raise ValueError(f"priority must be an integer 0..{P.MAX_PRIORITY} (higher runs sooner), "
+                             f"not {priority!r}")
+        if self.rate_limit is not None:
+            parse_rate(self.rate_limit)  # a typo fails here, at the call, not in the broker
         header = {
             "id": task_id,
             "task": self.name,
-            "queue": queue or self.queue or self.app.conf.task_default_queue,
-            "priority": self.priority if priority is None else priority,
+            "queue": queue or self.queue or route.get("queue") or self.app.conf.task_default_queue,
+            "priority": priority,
             "eta": eta,
             "expires": expires,
             "notify": not ignore_result,
@@ -127,6 +197,9 @@ class Task:
                                            "time_limit"),
             "soft_time_limit": check_time_limit(
                 self.soft_time_limit if soft_time_limit is None else soft_time_limit, "soft_time_limit"),
+            "rate_limit": self.rate_limit,
+            "acks_late": False if self.acks_late is False else None,
+            "reject_on_worker_lost": False if self.reject_on_worker_lost is False else None,
         }
         if codec == serialize.CLOUDPICKLE:
             header["py"] = serialize.PYTHON_VERSION

@@ -99,7 +99,8 @@ def test_lost_time_limit_with_a_stale_token_is_an_ordinary_lost(peers, raw_worke
 def test_time_limit_result_is_a_failure_the_client_rebuilds():
     raw, payload = time_limit_result(7, "t", "testapp.add", 2.5, 100.0, 4242)
     header = P.decode(raw)
-    assert P.ResultHeader.parse(raw) == ("t", 7, states.FAILURE)
+    parsed = P.ResultHeader.parse(raw)
+    assert (parsed.id, parsed.token, parsed.state) == ("t", 7, states.FAILURE)
     assert header["exc_type"] == "embedq.errors.TimeLimitExceeded" and header["pid"] == 4242
     exc = serialize.loads_exception(payload, header)
     assert isinstance(exc, embedq.TimeLimitExceeded) and "2.5s" in str(exc)

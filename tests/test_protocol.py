@@ -661,7 +661,7 @@ def test_malformed_worker_messages_from_registered_peers(peers, raw_worker, asse
         (pool, [P.PROTOCOL, P.RESULT, P.encode({"id": "w-1", "token": True, "state": "SUCCESS"}), b""],
          "token must be an integer"),
         (pool, [P.PROTOCOL, P.RESULT, P.encode({"id": "w-1", "token": token}), b""],
-         "result state must be one of"),
+         "result state must be RETRY or one of"),
         (pool, [P.PROTOCOL, P.RESULT, P.encode({"token": token, "state": "SUCCESS"}), b""], "task id"),
         (pool, [P.PROTOCOL, P.HEARTBEAT, b"{"], "not JSON"),
         (pool, [P.PROTOCOL, P.JOIN, b'{"node":"raw-node","index":0,"capacity":0,"held":[]}'],

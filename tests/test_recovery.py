@@ -586,7 +586,7 @@ def test_broker_kill_9_under_submit_load_loses_no_accepted_task(broker, start_wo
     assert_nothing_left(counts)
 
 
-# -- regressions for bugs found while writing these tests; the strict xfail is a later feature ----
+# -- regressions for bugs found while writing these tests ----
 THREAD_SCRIPT = '''
 import json
 import subprocess
@@ -644,10 +644,6 @@ MAX_CRASH_RUNS = 10
 STALL = 5.0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "no crash-redelivery cap exists: a LOST delivery (its pool process died) is always requeued "
-    "(embedq/leasing.py Leasing._on_lost at 63e78e9; Broker._on_result's LOST branch before), so "
-    "a task that kills its pool process is never dead-lettered (DESIGN.md promise 2)"))
 def test_task_that_keeps_killing_its_pool_process_is_dead_lettered(broker, start_worker, app, tmp_path):
     """A poison pill (the task SIGKILLs its own pool process) ends FAILED (WorkerLostError)
     after a capped number of crash redeliveries, instead of killing pool processes forever."""

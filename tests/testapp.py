@@ -158,3 +158,102 @@ def hog_memory(mebibytes):
     """Grow this pool process's resident memory by ``mebibytes`` MiB and keep it."""
     _HOARD.append(b"x" * (mebibytes << 20))  # bytes(*) writes every page: they become resident
     return os.getpid()
+
+
+# -- issue 3: task semantics -------------------------------------------------------------------
+def _attempt(marker_dir):
+    """Leave a marker for this run; return how many runs there have been (this one included)."""
+    _mark(marker_dir, "attempt", "x")
+    return len([n for n in os.listdir(marker_dir) if n.startswith("attempt.")])
+
+
+@app.task(bind=True, max_retries=5)
+def flaky(self, marker_dir, failures, countdown=0.05):
+    """Fail (and retry) ``failures`` times, then return the number of runs."""
+    runs = _attempt(marker_dir)
+    if runs <= failures:
+        raise self.retry(exc=ConnectionError(f"attempt {runs}"), countdown=countdown)
+    return runs
+
+
+@app.task(bind=True, max_retries=2, default_retry_delay=0.05)
+def always_retry(self, marker_dir):
+    runs = _attempt(marker_dir)
+    raise self.retry(exc=KeyError(f"attempt {runs}"))
+
+
+@app.task(bind=True)
+def retry_with_new_args(self, value):
+    if value < 3:
+        raise self.retry(args=(value + 1,), countdown=0.01)
+    return value, self.request.retries
+
+
+@app.task(autoretry_for=(ConnectionError,), dont_autoretry_for=(ConnectionRefusedError,),
+          max_retries=3, default_retry_delay=0.05)
+def auto_flaky(marker_dir, failures, refuse=False):
+    runs = _attempt(marker_dir)
+    if refuse:
+        raise ConnectionRefusedError("not retried")
+    if runs <= failures:
+        raise ConnectionError(f"attempt {runs}")
+    return runs
+
+
+@app.task(bind=True)
+def lateness(self):
+    """Seconds between the task's due time (its eta) and the moment it started."""
+    return time.time() - self.request.eta if self.request.eta else None
+
+
+@app.task(bind=True)
+def progress(self, gate):
+    self.update_state(state="PROGRESS", meta={"done": 1, "total": 2})
+    wait_for_file.run(gate)
+    return "finished"
+
+
+@app.task(track_started=True)
+def tracked(gate):
+    return wait_for_file.run(gate)
+
+
+@app.task(rate_limit="5/s")
+def stamp():
+    return time.time()
+
+
+@app.task(queue="special")
+def special():
+    return "special"
+
+
+@app.task
+def ordered(marker_dir, value):
+    """Leave ``run.<value>...`` (its start order is the marker's monotonic_ns)."""
+    _mark(marker_dir, "run", value)
+    return value
+
+
+@app.task(acks_late=False)
+def crash_at_most_once(marker_dir):
+    return crash.run(marker_dir)
+
+
+@app.task(reject_on_worker_lost=False)
+def crash_no_reject(marker_dir):
+    return crash.run(marker_dir)
+
+
+@app.task(bind=True)
+def where(self):
+    """The queue this delivery came from."""
+    return self.request.delivery_info["queue"]
+
+
+@app.task
+def crash_while(marker_dir, flag):
+    """A poison pill while ``flag`` exists, a normal task once it is gone."""
+    if os.path.exists(flag):
+        return crash.run(marker_dir)
+    return "cured"
