@@ -28,14 +28,16 @@ from .errors import (
     UnknownTaskError,
     WorkerLostError,
 )
-from .result import AsyncResult
+from .canvas import Signature, chain, chord, chunks, group, signature, subtask
+from .result import AsyncResult, GroupResult
 from .schedules import crontab, schedule
 from .task import Task
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "App", "Celery", "Task", "AsyncResult", "Cluster", "start", "states", "crontab", "schedule",
+    "App", "Celery", "Task", "AsyncResult", "GroupResult", "Cluster", "start", "states",
+    "Signature", "signature", "subtask", "chain", "group", "chord", "chunks", "crontab", "schedule",
     "EmbedqError", "ConfigurationError", "BrokerUnavailable", "DataDirLocked", "NotRegistered",
     "RemoteTaskError", "StorageFull", "TaskRevokedError", "TimeoutError", "UnknownTaskError",
     "WorkerLostError", "SoftTimeLimitExceeded", "TimeLimitExceeded",

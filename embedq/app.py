@@ -78,6 +78,14 @@ class App:
             module = self.main or "__main__"
         return f"{module}.{name}"
 
+    def task_by_name(self, name):
+        """The registered task, or a stand-in that sends by name (the caller need not import
+        the task's code; the worker must)."""
+        task = self.tasks.get(name)
+        if task is None:
+            task = type(name.rpartition(".")[2] or "task", (self.Task,), {"name": name, "app": self})()
+        return task
+
     def register_task(self, task):
         if isinstance(task, type):
             task = task()
@@ -108,8 +116,7 @@ class App:
     # -- sending -----------------------------------------------------------------------------
     def send_task(self, name, args=None, kwargs=None, **options):
         """Submit a task by name (the client need not import its code)."""
-        task = self.tasks.get(name) or self._create_task(lambda *a, **k: None, name=name)
-        return task.apply_async(args, kwargs, **options)
+        return self.task_by_name(name).apply_async(args, kwargs, **options)
 
     def send_messages(self, messages):
         """Submit prepared (task id, header, payload) triples in one round trip (one commit)."""
@@ -201,6 +208,14 @@ def _find_app(main, module, include, settings):
         app = App(main)
     app.conf.update(settings)
     return app
+
+
+def app_for_task(name):
+    """The app that registered a task of this name, else the default app (for ``signature()``)."""
+    for app in list(_apps.values()):
+        if name in app.tasks:
+            return app
+    return default_app()
 
 
 def default_app():

@@ -36,6 +36,7 @@ from .leasing import Leasing
 from .ratelimit import RateLimiter
 from .settlement import DEFAULT_MAX_REDELIVERIES, Settlement
 from .store import Store
+from .workflow import Workflow
 from .transport import receive_ready, send_frames, wait_readable
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Broker:
         self.leasing = Leasing(self.store, heartbeat, liveness, monotonic, self.settlement, self.instance,
                                self._due_at, self.limiter)
         self.control = Control(self.settlement, self.leasing, self.store)
+        self.workflow = self.settlement.workflow = Workflow(self.settlement, self._track)
         self.next_cleanup = 0.0
         self.next_space_check = 0.0
         self.refuse_submits = False
@@ -274,13 +276,18 @@ class Broker:
                 f"broker store {self.store.path!r} is at its size cap "
                 f"({self.store.max_size >> 20} MiB): let results expire or raise broker_max_store_size"))
         else:
+            if "chords" in control:
+                self.workflow.accept(batch, control)
             for header, raw, payload in tasks:
-                if batch.add_task(header, raw, payload, now):
+                if header.waiting:
+                    added = batch.add_waiting(header.id, raw, payload)
+                elif batch.add_task(header, raw, payload, now):
+                    added = True
+                    self._track(header)
+                else:
+                    added = False
+                if added:
                     reply["ok"] += 1
-                    if header.eta is not None:
-                        self._due_at(header.eta)
-                    if header.expires is not None and (self.next_expiry is None or header.expires < self.next_expiry):
-                        self.next_expiry = header.expires
                 else:
                     reply["dup"].append(header.id)
                 if header.notify:
@@ -319,7 +326,7 @@ class Broker:
                 info = progress  # STARTED, RETRY or a custom state from update_state
             elif batch.has_lease(task_id):
                 info = {"state": states.RECEIVED}
-            elif batch.task(task_id) is not None:
+            elif batch.is_known(task_id):  # queued, scheduled, or a workflow step not yet due
                 info = {"state": states.PENDING}
             else:
                 info = {"state": states.UNKNOWN}
@@ -334,6 +341,13 @@ class Broker:
 
     def _on_control(self, batch, it, identity, body, now, refuse_submits):
         self.control.handle(batch, it, identity, body, now)
+
+    def _track(self, header):
+        """Wake the loop for a new task's eta and expires."""
+        if header.eta is not None:
+            self._due_at(header.eta)
+        if header.expires is not None and (self.next_expiry is None or header.expires < self.next_expiry):
+            self.next_expiry = header.expires
 
     def _due_at(self, due):
         """Make sure the loop wakes up for a task scheduled at ``due``."""

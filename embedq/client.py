@@ -162,11 +162,13 @@ class Client:
             log.warning("broker refused a message: %s", body[0][:200] if body else b"")
 
     # -- requests ----------------------------------------------------------------------------
-    def submit(self, messages, timeout=None):
-        """Send (task id, header JSON, payload) triples in one message; return once committed."""
+    def submit(self, messages, timeout=None, chords=None):
+        """Send (task id, header JSON, payload) triples in one message; return once committed.
+        ``chords``: the chord counters of a workflow (canvas.py), stored in the same commit."""
         conn = self.connection()
         req = next(self.requests)
-        frames = [P.PROTOCOL, P.SUBMIT, b'{"req":%d}' % req]
+        control = P.encode({"req": req, "chords": chords}) if chords else b'{"req":%d}' % req
+        frames = [P.PROTOCOL, P.SUBMIT, control]
         for _, header, payload in messages:
             frames += (header, payload)
         reply = conn.request(frames, req, self.connection_timeout if timeout is None else timeout)

@@ -39,6 +39,7 @@ import zmq
 from . import limits as L
 from . import protocol as P
 from . import serialize, states
+from .arguments import run_builtin, task_arguments
 from .errors import NotRegistered, Retry, SoftTimeLimitExceeded, TaskRevokedError
 from .lifecycle import die_with_parent
 from .transport import dealer, receive_ready, send_frames
@@ -333,10 +334,12 @@ def execute(app, token, header, payload, report=None):
     started = time.time()
     result = {"id": header["id"], "token": token, "task": header["task"]}
     try:
-        args, kwargs = serialize.loads(payload, header.get("codec"), header.get("py"))
+        args, kwargs = task_arguments(app, header, payload)
         if header["task"] == CALL_TASK:
             function, args = args[0], args[1:]
             value = function(*args, **kwargs)
+        elif (value := run_builtin(app, header["task"], args, kwargs)) is not NotImplemented:
+            pass
         else:
             task = app.tasks.get(header["task"])
             if task is None:

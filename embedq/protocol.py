@@ -7,6 +7,7 @@ and the broker never unpickles anything.
 """
 
 import json
+import struct
 from typing import NamedTuple
 
 from .errors import ProtocolError
@@ -162,6 +163,8 @@ class TaskHeader(NamedTuple):
     reject_on_worker_lost: bool
     #: deliveries that ended with the worker dying (the dead-letter count)
     redelivered: int
+    #: a workflow step: stored aside until its parent settles (workflow.py)
+    waiting: bool
 
     @classmethod
     def parse(cls, frame):
@@ -183,6 +186,7 @@ class TaskHeader(NamedTuple):
             acks_late=obj.get("acks_late") is not False,
             reject_on_worker_lost=obj.get("reject_on_worker_lost") is not False,
             redelivered=obj.get("redelivered") if isinstance(obj.get("redelivered"), int) else 0,
+            waiting=obj.get("waiting") is True,
         )
 
 
@@ -217,3 +221,32 @@ class ResultHeader(NamedTuple):
             raise ProtocolError(f"result state must be RETRY or one of {sorted(FINAL_STATES)}")
         return cls(id=check_name(obj.get("id"), "task id"), token=token, state=state, eta=eta,
                    retries=retries)
+
+
+#: Header ``prepend`` kinds: what the broker put in front of a workflow task's own payload.
+PREPEND_RESULT = "result"      # the parent's result: the first positional argument
+PREPEND_RESULTS = "results"    # a chord's member results, in order: a list as first argument
+PREPEND_ERRBACK = "errback"    # the failed task's exception, for a link_error callback
+
+_PART = struct.Struct(">I")
+
+
+def pack_parts(parts, own):
+    """``count u32 | (len u32 | part)* | own payload``: result payloads (opaque pickles) put in
+    front of a task's own arguments by the broker, which never unpickles either."""
+    out = [_PART.pack(len(parts))]
+    for part in parts:
+        out += (_PART.pack(len(part)), part)
+    out.append(own)
+    return b"".join(out)
+
+
+def unpack_parts(payload):
+    """Inverse of :func:`pack_parts`: (parts, own payload)."""
+    (count,) = _PART.unpack_from(payload)
+    offset, parts = 4, []
+    for _ in range(count):
+        (length,) = _PART.unpack_from(payload, offset)
+        parts.append(payload[offset + 4:offset + 4 + length])
+        offset += 4 + length
+    return parts, payload[offset:]

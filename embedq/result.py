@@ -20,6 +20,9 @@ class AsyncResult:
         self._submitted_on = submitted_on
         self._header = None      # the result header once final
         self._payload = None
+        #: in a workflow submitted from here: the result before this one, and those after it
+        self.parent = None
+        self.children = []
 
     task_id = property(lambda self: self.id)
 
@@ -109,3 +112,79 @@ class AsyncResult:
         """Remove the stored result from the broker (the id becomes UNKNOWN)."""
         self.app.client.forget([self.id])
         self._header = self._payload = None
+
+
+class GroupResult:
+    """The results of a group, in order (``celery.result.GroupResult``)."""
+
+    def __init__(self, id=None, results=None, app=None):  # noqa: A002 - Celery's name
+        self.id = id
+        self.results = list(results or [])
+        self.app = app
+        self.parent = None
+
+    children = property(lambda self: self.results)
+
+    def __repr__(self):
+        return f"<GroupResult: {self.id} [{', '.join(r.id or '?' for r in self.results)}]>"
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self):
+        return len(self.results)
+
+    def __getitem__(self, index):
+        return self.results[index]
+
+    def leaves(self):
+        """Every AsyncResult in the group, nested groups flattened."""
+        for result in self.results:
+            if isinstance(result, GroupResult):
+                yield from result.leaves()
+            else:
+                yield result
+
+    def get(self, timeout=None, propagate=True, interval=None, disable_sync_subtasks=True):
+        """Wait for every member; their values in order (the first failure raises, by default)."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        values = []
+        for result in self.results:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            values.append(result.get(timeout=remaining, propagate=propagate))
+        return values
+
+    join = get
+
+    def _states(self):
+        leaves = list(self.leaves())
+        known = {r.id: r._header["state"] for r in leaves if r._header is not None}
+        missing = [r.id for r in leaves if r.id not in known]
+        if missing:
+            app = self.app or leaves[0].app
+            for task_id, info in app.client.status(missing).items():
+                known[task_id] = info.get("state")
+        return [known[r.id] for r in leaves]
+
+    def completed_count(self):
+        return sum(1 for state in self._states() if state == states.SUCCESS)
+
+    def ready(self):
+        return all(state in states.READY_STATES for state in self._states())
+
+    def successful(self):
+        return all(state == states.SUCCESS for state in self._states())
+
+    def failed(self):
+        return any(state == states.FAILURE for state in self._states())
+
+    def waiting(self):
+        return not self.ready()
+
+    def revoke(self, terminate=False, signal="SIGTERM"):
+        leaves = list(self.leaves())
+        if leaves:
+            (self.app or leaves[0].app).control.revoke([r.id for r in leaves], terminate=terminate,
+                                                      signal=signal)

@@ -21,6 +21,7 @@ from collections import defaultdict
 
 from . import protocol as P
 from . import states
+from .workflow import has_followers
 
 #: Deliveries ending with the worker dying before a task becomes a dead letter.
 DEFAULT_MAX_REDELIVERIES = 5
@@ -36,16 +37,26 @@ class Settlement:
         self.waiters = defaultdict(set)
         #: called with the task id of every settled task (the rate limiter forgets it)
         self.on_settled = on_settled or (lambda task_id: None)
+        #: what follows a task in a chain, chord or callback (set by the broker)
+        self.workflow = None
 
     # -- final results ------------------------------------------------------------------------
     def store_result(self, batch, it, task_id, raw, payload):
-        """Store a final result and (after the commit) push it to every waiting client."""
+        """Store a final result and (after the commit) push it to every waiting client; then
+        whatever follows the task in a workflow happens in this same transaction."""
+        record = batch.task(task_id)
+        task_header = record[1] if record is not None else None
+        if task_header is None and (waiting := batch.take_waiting(task_id)) is not None:
+            task_header = waiting[0]  # a workflow step that ends before it ever ran
         expires = None if self.result_expires is None else self.clock() + self.result_expires
         batch.settle(task_id, raw, payload, expires)
         for client in self.waiters.get(task_id, ()):
             it.add(client, P.RESULT, raw, payload)
         it.after_commit.append(lambda: self.waiters.pop(task_id, None))
         self.on_settled(task_id)
+        if task_header is not None and self.workflow is not None and has_followers(task_header):
+            self.workflow.on_final(batch, it, task_id, P.decode(task_header), raw, payload,
+                                   P.decode(raw).get("state"), self.clock())
 
     def conclude(self, batch, it, task_id, state, error, message, task_name=None):
         """End a task with a result the broker writes itself (REVOKED, WorkerLostError...)."""

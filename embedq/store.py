@@ -16,6 +16,7 @@ Named databases and their keys (integers are big-endian so byte order is numeric
                and next slot), rewritten in the transaction that enqueues the run it produces
 
     results, expiry, progress, revoked, dead, expiring: how tasks ended or are doing, see records.py
+    waiting, chords: workflow steps not yet activated and chord counters, see workflow_records.py
 
 One write transaction per broker loop iteration (group commit). ``fsync`` durability opens LMDB
 with ``sync=True`` (a committed transaction survives power loss); ``process`` with ``sync=False``
@@ -35,6 +36,7 @@ import lmdb
 from .errors import ConfigurationError, DataDirLocked
 from .protocol import TaskHeader
 from .records import OutcomeRecords, join_record, split_record, us
+from .workflow_records import WorkflowRecords
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class Store:
         self.env.reader_check()
         self.grow_to_fit()
         names = ("tasks", "ready", "scheduled", "leases", "results", "expiry", "meta", "progress",
-                 "revoked", "dead", "expiring", "beat")
+                 "revoked", "dead", "expiring", "beat", "waiting", "chords")
         self.db = {name: self.env.open_db(name.encode()) for name in names}
         with self.env.begin(write=True) as txn:
             meta = self.db["meta"]
@@ -139,7 +141,7 @@ def _parse_lease(key, value):
     return Lease(key.decode(), token, since / 1e6, value[_LEASE.size:].decode())
 
 
-class Batch(OutcomeRecords):
+class Batch(OutcomeRecords, WorkflowRecords):
     """One write transaction: everything a loop iteration changes, committed at once."""
 
     def __init__(self, store):
@@ -175,7 +177,8 @@ class Batch(OutcomeRecords):
     def add_task(self, header, raw_header, payload, now):
         """Put-if-absent on the id. Returns False for a duplicate (queued, running or settled)."""
         key = header.id.encode()
-        if self.txn.get(key, db=self.db["results"]) is not None:
+        if (self.txn.get(key, db=self.db["results"]) is not None
+                or self.txn.get(key, db=self.db["waiting"]) is not None):
             return False
         seq = self.next_seq()
         value = _TASK_PREFIX.pack(seq, len(raw_header)) + raw_header + payload
@@ -303,7 +306,8 @@ class Batch(OutcomeRecords):
     def is_known(self, task_id):
         key = task_id.encode()
         return (self.txn.get(key, db=self.db["tasks"]) is not None
-                or self.txn.get(key, db=self.db["results"]) is not None)
+                or self.txn.get(key, db=self.db["results"]) is not None
+                or self.txn.get(key, db=self.db["waiting"]) is not None)
 
     def drop_lease(self, task_id):
         if self.txn.delete(task_id.encode(), db=self.db["leases"]):

@@ -150,18 +150,27 @@ class Task:
         return self.apply_async(args, kwargs)
 
     def apply_async(self, args=None, kwargs=None, task_id=None, *, countdown=None, eta=None,
-                    expires=None, queue=None, priority=None, ignore_result=None, time_limit=None,
-                    soft_time_limit=None, **options):
+                    expires=None, queue=None, priority=None, ignore_result=None, **options):
+        """Submit one call. Options as Celery's, including ``time_limit`` and ``soft_time_limit``
+        (seconds; they override the task's own)."""
+        if options.get("link") is not None or options.get("link_error") is not None:
+            return self.signature(args, kwargs, task_id=task_id, countdown=countdown, eta=eta,
+                                  expires=expires, queue=queue, priority=priority,
+                                  ignore_result=ignore_result, **options).apply_async()
         message = self.build_message(
             args, kwargs, task_id=task_id, countdown=countdown, eta=eta, expires=expires,
-            queue=queue, priority=priority, ignore_result=ignore_result, time_limit=time_limit,
-            soft_time_limit=soft_time_limit, **options)
+            queue=queue, priority=priority, ignore_result=ignore_result, **options)
         return self.app.send_messages([message])[0]
 
-    def build_message(self, args=None, kwargs=None, task_id=None, *, countdown=None, eta=None,
-                      expires=None, queue=None, priority=None, ignore_result=None, time_limit=None,
-                      soft_time_limit=None, **options):
+    def build_message(self, *args, **options):
         """(task id, header JSON, payload) for one call, with Celery's option names and meanings."""
+        task_id, header, payload = self.build_header(*args, **options)
+        return task_id, P.encode(header), payload
+
+    def build_header(self, args=None, kwargs=None, task_id=None, *, countdown=None, eta=None,
+                     expires=None, queue=None, priority=None, ignore_result=None, time_limit=None,
+                     soft_time_limit=None, **options):
+        """Like ``build_message``, with the header still a dict (canvas adds workflow fields)."""
         now = time.time()
         if countdown is not None:
             eta = now + countdown
@@ -205,10 +214,46 @@ class Task:
             header["py"] = serialize.PYTHON_VERSION
         if options:
             header["options"] = options
-        return task_id, P.encode({k: v for k, v in header.items() if v is not None}), payload
+        return task_id, {k: v for k, v in header.items() if v is not None}, payload
 
     def AsyncResult(self, task_id):  # noqa: N802 - Celery's name
         return self.app.AsyncResult(task_id)
+
+    # -- canvas (canvas.py) ------------------------------------------------------------------------
+    def signature(self, args=None, kwargs=None, **options):
+        from .canvas import Signature  # local: canvas builds on this module
+
+        return Signature(self, args or (), kwargs, options)
+
+    subtask = signature
+
+    def s(self, *args, **kwargs):
+        """A signature: this task with (partial) arguments, for chains, groups and callbacks."""
+        return self.signature(args, kwargs)
+
+    def si(self, *args, **kwargs):
+        """An immutable signature: a parent's result is not prepended to its arguments."""
+        return self.signature(args, kwargs).set(immutable=True)
+
+    def map(self, iterable):
+        """One task applying this task to each item (Celery's ``xmap``)."""
+        from .arguments import MAP_TASK
+        from .canvas import Signature
+
+        return Signature(MAP_TASK, (self.name, list(iterable)), app=self.app)
+
+    def starmap(self, iterable):
+        """One task calling this task with each item's arguments (Celery's ``xstarmap``)."""
+        from .arguments import STARMAP_TASK
+        from .canvas import Signature
+
+        return Signature(STARMAP_TASK, (self.name, [tuple(item) for item in iterable]), app=self.app)
+
+    def chunks(self, iterable, n):
+        """Split the calls into tasks of ``n`` (a group of starmaps)."""
+        from .canvas import chunks
+
+        return chunks(self, iterable, n)
 
     def __reduce__(self):
         return (_task_by_name, (self.app, self.name))

@@ -257,3 +257,33 @@ def crash_while(marker_dir, flag):
     if os.path.exists(flag):
         return crash.run(marker_dir)
     return "cured"
+
+
+# -- issue 4: canvas ------------------------------------------------------------------------------
+@app.task
+def xsum(numbers):
+    """Sum, nested lists included (a chord body over a header with a nested group)."""
+    return sum(xsum.run(n) if isinstance(n, list) else n for n in numbers)
+
+
+@app.task
+def mul(x, y):
+    return x * y
+
+
+@app.task
+def error_handler(request, exc, traceback, marker_dir):
+    """A new-style errback: ``(request, exc, traceback)`` before its own arguments."""
+    with open(os.path.join(marker_dir, f"errback.{request.id}"), "w") as handle:
+        handle.write(f"{type(exc).__name__}: {exc}\n{traceback}")
+
+
+@app.task
+def old_error_handler(task_id, marker_dir):
+    """An old-style errback: only the failed task's id."""
+    open(os.path.join(marker_dir, f"old-errback.{task_id}"), "w").close()
+
+
+@app.task
+def identity(value):
+    return value
