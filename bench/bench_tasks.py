@@ -27,3 +27,18 @@ def lateness(self):
     import time
 
     return time.time() - self.request.eta
+
+
+@app.task
+def square(x):
+    return x * x
+
+
+@app.task
+def xsum(numbers):
+    return sum(numbers)
+
+
+def square_fn(x):
+    """``square`` as a plain function, for ``multiprocessing.Pool.map``."""
+    return x * x

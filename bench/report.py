@@ -70,6 +70,18 @@ def lateness_table(rows):
     return lines if rows else []
 
 
+def fanout_table(rows):
+    rows = [r for r in rows if r["kind"] == "fanout"]
+    base = next((r for r in rows if r["system"] == "multiprocessing.Pool(2)"), None)
+    lines = ["| Fan-out | tasks | seconds (median of 3) | tasks/s | vs Pool.map | load |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['seconds'] / base['seconds']:.1f}x" if base else "-"
+        lines.append(f"| {r['label']} | {_fmt(r['tasks'])} | {r['seconds']:.3f} | {_fmt(r['tasks_per_s'])} | "
+                     f"{ratio} | {_load(r)} |")
+    return lines if rows else []
+
+
 def targets(latency, lat_base, throughput, tp_base):
     lines = []
     for r in latency:
@@ -102,7 +114,7 @@ def main(argv=None):
            f"{machine.get('cpu', {}).get('count', '?')} CPUs "
            f"({machine.get('cpu', {}).get('brand_raw', '?')}), commit {str(commit.get('id', '?'))[:10]}"
            f"{' (dirty)' if commit.get('dirty') else ''}.", "", *lat_lines, "", *tp_lines, "",
-           *lateness_table(rows), "",
+           *lateness_table(rows), "", *fanout_table(rows), "",
            "Targets (ratios against ProcessPoolExecutor(2) in this run):", "",
            *targets(latency, lat_base, throughput, tp_base)]
     print("\n".join(out))

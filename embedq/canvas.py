@@ -291,7 +291,9 @@ def submit(node, app):
 
     plan = Plan(app)
     result = plan.compile(node).result
-    app.client.submit(plan.encoded(), chords=plan.chords)
+    conn, _ = app.client.submit(plan.encoded(), chords=plan.chords)
+    for handle in plan.results:  # this thread's socket is subscribed to all of them already
+        handle._submitted_on = conn
     return result
 
 

@@ -47,6 +47,7 @@ class Plan:
         self.app = app
         self.messages = []   # [task id, header dict, payload]
         self.chords = []
+        self.results = []    # every AsyncResult handed out (told which socket subscribed them)
 
     def encoded(self):
         return [(task_id, P.encode(header), payload) for task_id, header, payload in self.messages]
@@ -100,6 +101,7 @@ class Plan:
         message = [task_id, header, payload]
         self.messages.append(message)
         compiled = _Compiled([message], [message], AsyncResult(task_id, self.app))
+        self.results.append(compiled.result)
         for callback in _as_list(links):
             self._attach(compiled, self.compile(callback, waiting=True), "links")
         for errback in _as_list(errbacks):

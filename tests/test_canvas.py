@@ -139,3 +139,42 @@ def test_group_result_revoke(app, tmp_path):
     result.revoke()
     assert all(r.state == states.REVOKED for r in result.results)
     assert not result.successful() and result.ready()
+
+
+def test_chord_of_ten_thousand_tasks_in_one_submit(app, start_worker):
+    from testapp import add, xsum
+
+    start_worker(concurrency=2)
+    sent = []
+    original = app.client.submit
+
+    def counting_submit(messages, *args, **kwargs):
+        sent.append(len(messages))
+        return original(messages, *args, **kwargs)
+
+    app.client.submit = counting_submit
+    try:
+        result = chord((add.s(i, i) for i in range(10_000)), xsum.s())()
+    finally:
+        del app.client.submit
+    assert sent == [10_001]  # one SUBMIT: 10,000 members and the waiting body
+    assert result.get(timeout=120) == 2 * sum(range(10_000))
+
+
+def test_the_canvas_guide_example_runs(tmp_path):
+    """examples/canvas.py: Celery's canvas guide with only the import changed."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    completed = subprocess.run([sys.executable, os.path.join(repo, "examples", "canvas.py")],
+                               capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    found = dict(line.split(" -> ", 1) for line in completed.stdout.splitlines() if " -> " in line)
+    found = {key.strip(): value for key, value in found.items()}
+    assert found["chain(add.s(2, 2), add.s(4), add.s(8))()"] == "16"
+    assert found["chord((add.s(i, i) for i in range(10)), xsum.s())()"] == "90"
+    assert found["chord inside chord"] == "12"
+    assert found["chain inside group"] == "[3, 6]"
+    assert "errback: task" in completed.stdout and "chord errback" in completed.stdout

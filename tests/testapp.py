@@ -287,3 +287,16 @@ def old_error_handler(task_id, marker_dir):
 @app.task
 def identity(value):
     return value
+
+
+@app.task
+def slow_add(x, y, delay=0.02):
+    time.sleep(delay)
+    return x + y
+
+
+@app.task
+def body_marker(results, marker_dir, name):
+    """A chord body that leaves one marker per run, so a test can count runs."""
+    _mark(marker_dir, "body", name)
+    return sum(results)
