@@ -121,8 +121,8 @@ class Leasing:
         slot = node.slots.get(index)
         if slot is not None:
             slot.leaving = True  # not a dispatch target any more, even in this iteration
-            log.warning("pool process %s died (%s); %d task(s) redelivered", slot.key,
-                        info.get("reason", "?"), len(slot.leases))
+            log.warning("pool process %s ended (%s): the %d delivery(ies) it held are settled or "
+                        "go back to the queue", slot.key, info.get("reason", "?"), len(slot.leases))
             self._release(batch, it, slot, slot.leases.items(), started=started)
             it.after_commit.append(lambda: self.workers.remove_slot(slot))
 

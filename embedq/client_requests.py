@@ -1,0 +1,92 @@
+"""The broker's answers to clients: SUBMIT, WAIT, STATUS, FORGET (see docs/protocol.md).
+
+Each handler runs inside the loop's transaction (``batch``) and queues its replies on ``it``;
+they leave only after the commit, so an ACK always means "stored".
+"""
+
+from . import protocol as P
+from . import states
+from .errors import ProtocolError
+
+
+class ClientRequests:
+    def __init__(self, store, settlement, workflow, track):
+        self.store = store
+        self.waiters = settlement.waiters   # task id -> client identities owed its result
+        self.workflow = workflow
+        #: called with the TaskHeader of every task queued now (the loop watches eta/expires)
+        self.track = track
+
+    def submit(self, batch, it, identity, body, now, refuse_submits):
+        if not body:
+            raise ProtocolError("SUBMIT without a control frame")
+        control = P.decode(body[0])
+        tasks = [(P.TaskHeader.parse(h), h, p) for h, p in P.pairs(body[1:])]
+        reply = {"req": control.get("req"), "ok": 0, "dup": []}
+        if refuse_submits:
+            reply.update(error="StorageFull", message=(
+                f"broker store {self.store.path!r} is at its size cap "
+                f"({self.store.max_size >> 20} MiB): let results expire or raise broker_max_store_size"))
+        else:
+            if "chords" in control:
+                self.workflow.accept(batch, control)
+            for header, raw, payload in tasks:
+                if header.waiting:
+                    added = batch.add_waiting(header.id, raw, payload)
+                elif batch.add_task(header, raw, payload, now):
+                    added = True
+                    self.track(header)
+                else:
+                    added = False
+                if added:
+                    reply["ok"] += 1
+                else:
+                    reply["dup"].append(header.id)
+                if header.notify:
+                    self.waiters[header.id].add(header.reply_to.encode() if header.reply_to else identity)
+            if reply["dup"]:  # a resent or re-submitted id: its waiter may be owed a result now
+                for task_id in reply["dup"]:
+                    self.reply_if_settled(batch, it, identity, task_id)
+        if reply["dup"] or "error" in reply or not isinstance(reply["req"], int):
+            it.send(identity, P.ACK, P.encode(reply))
+        else:  # the common answer, without the JSON encoder
+            it.send(identity, P.ACK, b'{"req":%d,"ok":%d,"dup":[]}' % (reply["req"], reply["ok"]))
+
+    def wait(self, batch, it, identity, body, now, refuse_submits):
+        for task_id in P.check_ids(P.decode(body[0]) if body else {}):
+            if not self.reply_if_settled(batch, it, identity, task_id):
+                if batch.is_known(task_id):
+                    self.waiters[task_id].add(identity)
+                else:
+                    it.add(identity, P.STATE, P.encode({"id": task_id, "state": states.UNKNOWN}))
+
+    def reply_if_settled(self, batch, it, identity, task_id):
+        found = batch.result(task_id)
+        if found is None:
+            return False
+        it.add(identity, P.RESULT, *found)
+        return True
+
+    def status(self, batch, it, identity, body, now, refuse_submits):
+        control = P.decode(body[0]) if body else {}
+        found = {}
+        for task_id in P.check_ids(control):
+            result = batch.result(task_id)
+            if result is not None:
+                info = P.decode(result[0])
+            elif (progress := batch.progress(task_id)) is not None:
+                info = progress  # STARTED, RETRY or a custom state from update_state
+            elif batch.has_lease(task_id):
+                info = {"state": states.RECEIVED}
+            elif batch.is_known(task_id):  # queued, scheduled, or a workflow step not yet due
+                info = {"state": states.PENDING}
+            else:
+                info = {"state": states.UNKNOWN}
+            found[task_id] = info
+        it.send(identity, P.STATE, P.encode({"req": control.get("req"), "states": found}))
+
+    def forget(self, batch, it, identity, body, now, refuse_submits):
+        control = P.decode(body[0]) if body else {}
+        for task_id in P.check_ids(control):
+            batch.forget(task_id)
+        it.send(identity, P.ACK, P.encode({"req": control.get("req"), "ok": len(control["ids"])}))
