@@ -124,6 +124,21 @@ class _Canvas:
 
     app = None
 
+    def __init__(self):
+        self._links, self._errbacks = [], []
+
+    def link(self, callback):
+        self._links.append(callback)
+        return callback
+
+    def link_error(self, errback):  # as Celery: every task of the canvas reports to it
+        self._errbacks.append(errback)
+        return errback
+
+    def _callbacks_to(self, new):
+        new._links, new._errbacks = list(self._links), list(self._errbacks)
+        return new
+
     def __call__(self, *args, **kwargs):
         return self.apply_async(args, kwargs)
 
@@ -163,24 +178,13 @@ class chain(_Canvas):  # noqa: N801 - Celery's name
         self.tasks = []
         for task in tasks:
             self.tasks.extend(task.tasks if isinstance(task, chain) else [task])
-        self._links, self._errbacks = [], []
+        super().__init__()
 
     def _with_args(self, args, kwargs):
-        first = _clone(self.tasks[0], args, kwargs)
-        new = chain(first, *self.tasks[1:])
-        new._links, new._errbacks = list(self._links), list(self._errbacks)
-        return new
+        return self._callbacks_to(chain(_clone(self.tasks[0], args, kwargs), *self.tasks[1:]))
 
     def _signatures(self):
         return [s for task in self.tasks for s in _signatures(task)]
-
-    def link(self, callback):
-        self._links.append(callback)
-        return callback
-
-    def link_error(self, errback):  # as Celery: every task of the chain reports to it
-        self._errbacks.append(errback)
-        return errback
 
     def __repr__(self):
         return " | ".join(map(repr, self.tasks))
@@ -194,23 +198,13 @@ class group(_Canvas):  # noqa: N801 - Celery's name
             tasks = tuple(tasks[0])
         self.tasks = list(tasks)
         self.id = None
-        self._links, self._errbacks = [], []
+        super().__init__()
 
     def _with_args(self, args, kwargs):
-        new = group(*[_clone(task, args, kwargs) for task in self.tasks])
-        new._links, new._errbacks = list(self._links), list(self._errbacks)
-        return new
+        return self._callbacks_to(group(*[_clone(task, args, kwargs) for task in self.tasks]))
 
     def _signatures(self):
         return [s for task in self.tasks for s in _signatures(task)]
-
-    def link(self, callback):
-        self._links.append(callback)
-        return callback
-
-    def link_error(self, errback):
-        self._errbacks.append(errback)
-        return errback
 
     def __len__(self):
         return len(self.tasks)
@@ -225,7 +219,7 @@ class chord(_Canvas):  # noqa: N801 - Celery's name
     def __init__(self, header, body=None):
         self.header = header if isinstance(header, group) else group(header)
         self.body = body
-        self._links, self._errbacks = [], []
+        super().__init__()
 
     def __call__(self, body=None, *args, **kwargs):
         if body is not None and isinstance(body, (Signature, _Canvas)):
@@ -233,20 +227,10 @@ class chord(_Canvas):  # noqa: N801 - Celery's name
         return self.apply_async((body, *args) if body is not None else args, kwargs)
 
     def _with_args(self, args, kwargs):
-        new = chord(self.header._with_args(args, kwargs), self.body)
-        new._links, new._errbacks = list(self._links), list(self._errbacks)
-        return new
+        return self._callbacks_to(chord(self.header._with_args(args, kwargs), self.body))
 
     def _signatures(self):
         return self.header._signatures() + _signatures(self.body)
-
-    def link(self, callback):
-        self._links.append(callback)
-        return callback
-
-    def link_error(self, errback):
-        self._errbacks.append(errback)
-        return errback
 
     def __repr__(self):
         return f"chord({self.header!r}, {self.body!r})"
@@ -256,6 +240,7 @@ class chunks(_Canvas):  # noqa: N801 - Celery's name
     """``task.chunks(items, n)``: a group of tasks each running ``n`` calls (a starmap)."""
 
     def __init__(self, task, iterable, n):
+        super().__init__()
         self.task, self.items, self.n = task, [tuple(i) for i in iterable], n
         if n < 1:
             raise ValueError("chunks: n must be at least 1")

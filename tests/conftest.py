@@ -70,15 +70,17 @@ class BrokerProcess:
 
 
 class WorkerProcess:
-    def __init__(self, broker_url, concurrency=2, name="w", queues=None, prefetch=None, args=()):
-        command = [sys.executable, "-m", "embedq.worker", "-A", "testapp", "--broker", broker_url,
+    def __init__(self, broker_url, concurrency=2, name="w", queues=None, prefetch=None, args=(),
+                 app="testapp", env=None):
+        command = [sys.executable, "-m", "embedq.worker", "-A", app, "--broker", broker_url,
                    "-c", str(concurrency), "-n", name, "--loglevel", "WARNING"]
         if prefetch:
             command += ["--prefetch-multiplier", str(prefetch)]
         if queues:
             command += ["-Q", ",".join(queues)]
         command += list(args)  # more worker options, e.g. ["--time-limit", "1"]
-        self.process = subprocess.Popen(command, env=_environment(), stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(command, env={**_environment(), **(env or {})},
+                                        stdin=subprocess.DEVNULL)
         self.pid = self.process.pid
 
     def children(self):
@@ -152,6 +154,22 @@ def process_gone(process):
         return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def pid_gone(pid):
+    """``process_gone`` by pid (a pid that no longer exists is gone too)."""
+    try:
+        return process_gone(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def marks(tmp_path):
+    """A directory for the marker files tasks leave (one per run), apart from the data dir."""
+    path = tmp_path / "marks"
+    path.mkdir()
+    return path
 
 
 def pool_children(pid):

@@ -13,13 +13,6 @@ pytestmark = pytest.mark.timeout(90)
 CAP = 5
 
 
-@pytest.fixture
-def marks(tmp_path):
-    path = tmp_path / "marks"
-    path.mkdir()
-    return path
-
-
 def crash_runs(marks):
     return len(list(marks.glob("crash.*")))
 
@@ -45,25 +38,17 @@ def test_poison_pill_becomes_a_dead_letter_that_can_be_requeued(app, start_worke
     assert app.control.dead_letters() == []
 
 
-def test_acks_late_false_task_is_never_redelivered(app, start_worker, marks):
+@pytest.mark.parametrize("task_name, option", [("crash_at_most_once", "acks_late=False"),
+                                               ("crash_no_reject", "reject_on_worker_lost=False")])
+def test_at_most_once_task_is_never_redelivered(app, start_worker, marks, task_name, option):
     import testapp
 
     start_worker(concurrency=2)
-    result = testapp.crash_at_most_once.delay(str(marks))
-    with pytest.raises(embedq.WorkerLostError, match="acks_late=False"):
+    result = getattr(testapp, task_name).delay(str(marks))
+    with pytest.raises(embedq.WorkerLostError, match=option):
         result.get(timeout=30)
     assert crash_runs(marks) == 1
     assert result.state == states.FAILURE
-
-
-def test_reject_on_worker_lost_false_fails_instead_of_redelivering(app, start_worker, marks):
-    import testapp
-
-    start_worker(concurrency=2)
-    result = testapp.crash_no_reject.delay(str(marks))
-    with pytest.raises(embedq.WorkerLostError, match="reject_on_worker_lost=False"):
-        result.get(timeout=30)
-    assert crash_runs(marks) == 1
 
 
 def test_prefetched_tasks_of_a_crashed_process_are_not_counted_as_crashes(app, start_worker, marks, tmp_path):

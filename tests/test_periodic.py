@@ -23,32 +23,17 @@ import embedq
 from embedq import protocol as P
 from embedq.embedded import start_broker_process
 
-from conftest import TESTS_DIR, _environment, process_gone, wait_until
+from conftest import TESTS_DIR, WorkerProcess, _environment, process_gone, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 REPO = os.path.dirname(TESTS_DIR)
 
 
-class BeatWorker:
+def BeatWorker(broker_url, markers, interval=1.0, policy="skip"):  # noqa: N802 - a process class
     """``python -m embedq.worker -A beatapp`` with the schedule given in the environment."""
-
-    def __init__(self, broker_url, markers, interval=1.0, policy="skip"):
-        env = _environment()
-        env.update(BEATAPP_MARKERS=str(markers), BEATAPP_INTERVAL=str(interval), BEATAPP_POLICY=policy)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "embedq.worker", "-A", "beatapp", "--broker", broker_url, "-c", "1",
-             "--loglevel", "WARNING"], env=env, stdin=subprocess.DEVNULL)
-
-    def stop(self):
-        children = psutil.Process(self.process.pid).children(recursive=True)
-        self.process.kill()
-        self.process.wait(10)
-        for child in children:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
+    return WorkerProcess(broker_url, concurrency=1, app="beatapp", env={
+        "BEATAPP_MARKERS": str(markers), "BEATAPP_INTERVAL": str(interval), "BEATAPP_POLICY": policy})
 
 
 @pytest.fixture

@@ -12,13 +12,6 @@ from embedq import states
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def marks(tmp_path):
-    path = tmp_path / "marks"
-    path.mkdir()
-    return path
-
-
 def assert_revoked(result):
     with pytest.raises(embedq.TaskRevokedError):
         result.get(timeout=20)

@@ -8,26 +8,18 @@ task stuck in C code holding the GIL; the soft limit raises SoftTimeLimitExceede
 import math
 import time
 
-import psutil
 import pytest
 
 import embedq
 from embedq import protocol as P
 from embedq import states
 
-from conftest import pool_children, process_gone, wait_until
+from conftest import pid_gone, pool_children, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 #: The supervisor wakes at the deadline of the running task; allow for a loaded 2-core box.
 KILL_BOUND = 2.0
-
-
-def gone(pid):
-    try:
-        return process_gone(psutil.Process(pid))
-    except psutil.NoSuchProcess:
-        return True
 
 
 def start_markers(directory, value):
@@ -69,7 +61,7 @@ def test_hard_limit_kills_a_task_holding_the_gil_and_the_node_carries_on(broker,
     # the prefetched tasks were handed to the fresh pool process and ran
     assert [r.get(timeout=30) for r in results[1:]] == [1, 2, 3]
     # the killed process was replaced; the node itself was never evicted or restarted
-    wait_until(lambda: gone(first_child), timeout=5, message="the killed pool process to be gone")
+    wait_until(lambda: pid_gone(first_child), timeout=5, message="the killed pool process to be gone")
     new_child = testapp.pid.delay().get(timeout=30)
     assert new_child != first_child
     assert worker.process.poll() is None

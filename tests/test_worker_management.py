@@ -18,7 +18,7 @@ import zmq
 from embedq import protocol as P
 from embedq import serialize, states
 
-from conftest import WorkerProcess, pool_children, process_gone, wait_until
+from conftest import pid_gone, WorkerProcess, pool_children, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -28,13 +28,6 @@ HANDBACK_BOUND = 4.0
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def gone(pid):
-    try:
-        return process_gone(psutil.Process(pid))
-    except psutil.NoSuchProcess:
-        return True
-
-
 def pids(worker):
     return {process.pid for process in pool_children(worker.pid)}
 
@@ -104,7 +97,7 @@ def test_max_memory_per_child_replaces_the_process_after_the_task(broker, start_
     assert psutil.Process(first).memory_info().rss // 1024 < limit_kib  # precondition
     assert probe("celery") == first  # below the limit the process stays
     assert testapp.hog_memory.delay(200).get(timeout=30) == first  # the task itself completes
-    wait_until(lambda: gone(first), message="the process above the memory limit to leave")
+    wait_until(lambda: pid_gone(first), message="the process above the memory limit to leave")
     second = probe("celery")
     assert second != first and pids(worker) == {second}
 
@@ -148,7 +141,7 @@ def test_warm_shutdown_finishes_the_running_task_and_hands_back_the_rest(broker,
     ran_on = {r.get(timeout=30)[1] for r in records}
     assert time.monotonic() - signalled < HANDBACK_BOUND
     assert ran_on <= b_children
-    assert a.process.poll() is None and not gone(a_child)
+    assert a.process.poll() is None and not pid_gone(a_child)
     assert not list(tmp_path.glob("done.held.*"))
     # the running task finishes on a and its result is stored; then a exits by itself
     gate.touch()
@@ -165,7 +158,7 @@ def test_second_signal_is_a_cold_shutdown(broker, start_worker, app, tmp_path):
     assert {r.get(timeout=30)[1] for r in records} <= pids(b)  # the warm shutdown has begun
     os.kill(a.pid, signal.SIGTERM)
     a.process.wait(10)  # without waiting for the held task
-    assert gone(a_child)
+    assert pid_gone(a_child)
     # the held task was handed back at once and runs again on b
     wait_until(lambda: len(starts(tmp_path, "held")) == 2, timeout=HANDBACK_BOUND,
                message="the held task to be redelivered to b")
@@ -244,7 +237,7 @@ def test_revoke_terminates_the_pool_process_running_that_delivery(tmp_path, sign
         assert identity == fake.node
         assert P.decode(body[0]) == {"index": 0, "running": 7, "kind": "terminated",
                                      "reason": f"revoked: terminated with {signal_name}"}
-        assert gone(first)
+        assert pid_gone(first)
         # a fresh process takes its place
         _, body = fake.expect(P.JOIN)
         assert P.decode(body[0])["index"] == 0 and P.decode(body[0])["pid"] != first
