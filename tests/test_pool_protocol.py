@@ -12,8 +12,7 @@ from embedq import serialize, states
 from embedq.autoscale import GROW, Autoscaler, Load, parse
 from embedq.limits import time_limit_result
 
-from test_protocol import (  # noqa: F401, F811 - fixtures used by name
-    add_task, assert_serves, context, peers, raw_worker, success_result, wait_for_state, worker)
+from raw_peers import add_task, success_result, wait_for_state
 
 pytestmark = pytest.mark.timeout(60)
 
