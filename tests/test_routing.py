@@ -1,5 +1,5 @@
-"""Queues, routing and priorities: task_routes (exact, glob, function), per-call and per-task
-queues, workers consuming a subset with -Q, and priority honoured across the whole queue."""
+"""Queues and routing: task_routes (exact, glob, regex, function), per-call and per-task queues,
+workers consuming a subset with -Q."""
 
 import re
 
@@ -50,21 +50,6 @@ def test_router_function(app, start_worker, routes):
     assert testapp.where.delay().get(timeout=20) == "fn"
 
 
-def test_higher_priority_runs_first_across_the_whole_queue(app, start_worker, tmp_path):
-    import testapp
-
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    sent = [("low", 1), ("low2", 1), ("mid", 5), ("high", 9), ("high2", 9), ("zero", 0)]
-    results = [testapp.ordered.apply_async((str(marks), v), priority=p) for v, p in sent]
-    start_worker(concurrency=1, prefetch=1)
-    for result in results:
-        result.get(timeout=20)
-    order = [name.split(".")[1] for name in sorted((p.name for p in marks.iterdir()),
-                                                      key=lambda n: int(n.rsplit(".", 1)[1]))]
-    assert order == ["high", "high2", "mid", "low", "low2", "zero"]
-
-
 def test_router_unit():
     def fn(name, args, kwargs, options, task=None, **kw):
         return "from-fn" if name.startswith("fn.") else None
@@ -78,11 +63,3 @@ def test_router_unit():
     assert router.route("nothing", (), {}, {}) == {}
     with pytest.raises(TypeError):
         Router([42])
-
-
-def test_priority_out_of_range_is_refused_at_the_call(app):
-    import testapp
-
-    for bad in (256, -1, 1.5, "9"):
-        with pytest.raises(ValueError, match="priority must be an integer 0..255"):
-            testapp.add.apply_async((1, 2), priority=bad)

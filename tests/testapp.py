@@ -300,3 +300,8 @@ def body_marker(results, marker_dir, name):
     """A chord body that leaves one marker per run, so a test can count runs."""
     _mark(marker_dir, "body", name)
     return sum(results)
+
+
+@app.task(priority=7)
+def urgent(marker_dir, value):
+    return ordered.run(marker_dir, value)
