@@ -84,9 +84,11 @@ class Settlement:
         header["retries"] = result.retries
         header["eta"] = result.eta
         new_payload = None
-        if info.get("new_args"):
+        if info.get("new_args"):  # plain arguments now: a parent's result is no longer put in front
             new_payload = payload
             header["codec"] = info.get("codec", header.get("codec"))
+            header.pop("prepend", None)
+            header.pop("errback", None)
         else:  # the pickled exception, for AsyncResult.info (opaque here, as every payload)
             shown["exc_pickle"] = base64.b64encode(payload).decode()
         batch.drop_lease(result.id)

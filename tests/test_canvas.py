@@ -178,3 +178,12 @@ def test_the_canvas_guide_example_runs(tmp_path):
     assert found["chord inside chord"] == "12"
     assert found["chain inside group"] == "[3, 6]"
     assert "errback: task" in completed.stdout and "chord errback" in completed.stdout
+
+
+def test_chain_step_that_retries_keeps_its_input_and_continues(worker, tmp_path):
+    from testapp import add, add_after_retries, add_retry_new_args
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    assert (add.s(1, 1) | add_after_retries.s(10, str(marks)) | add.s(100))().get(timeout=T) == 112
+    assert (add.s(1, 1) | add_retry_new_args.s(0) | add.s(100))().get(timeout=T) == 105

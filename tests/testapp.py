@@ -305,3 +305,19 @@ def body_marker(results, marker_dir, name):
 @app.task(priority=7)
 def urgent(marker_dir, value):
     return ordered.run(marker_dir, value)
+
+
+@app.task(bind=True, max_retries=3)
+def add_after_retries(self, x, y, marker_dir, failures=1):
+    """``x + y`` after failing ``failures`` times (a chain step that retries keeps its input)."""
+    if _attempt(marker_dir) <= failures:
+        raise self.retry(exc=ConnectionError("not yet"), countdown=0.05)
+    return x + y
+
+
+@app.task(bind=True, max_retries=3)
+def add_retry_new_args(self, x, y):
+    """A chain step whose retry changes the arguments (the parent's result is already in them)."""
+    if y < 3:
+        raise self.retry(args=(x, y + 1), countdown=0.01)
+    return x + y
