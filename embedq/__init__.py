@@ -18,8 +18,10 @@ from .errors import (
     ConfigurationError,
     DataDirLocked,
     EmbedqError,
+    MaxRetriesExceededError,
     NotRegistered,
     RemoteTaskError,
+    Retry,
     SoftTimeLimitExceeded,
     StorageFull,
     TaskRevokedError,
@@ -40,5 +42,5 @@ __all__ = [
     "Signature", "signature", "subtask", "chain", "group", "chord", "chunks", "crontab", "schedule",
     "EmbedqError", "ConfigurationError", "BrokerUnavailable", "DataDirLocked", "NotRegistered",
     "RemoteTaskError", "StorageFull", "TaskRevokedError", "TimeoutError", "UnknownTaskError",
-    "WorkerLostError", "SoftTimeLimitExceeded", "TimeLimitExceeded",
+    "WorkerLostError", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Retry", "MaxRetriesExceededError",
 ]

@@ -333,6 +333,8 @@ def execute(app, token, header, payload, report=None):
     """Run one task; never raises. Returns (result header dict, result payload)."""
     started = time.time()
     result = {"id": header["id"], "token": token, "task": header["task"]}
+    if "parent_id" in header:  # a workflow step: its result names the step before it
+        result["parent_id"] = header["parent_id"]
     try:
         args, kwargs = task_arguments(app, header, payload)
         if header["task"] == CALL_TASK:

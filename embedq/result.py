@@ -20,9 +20,8 @@ class AsyncResult:
         self._submitted_on = submitted_on
         self._header = None      # the result header once final
         self._payload = None
-        #: in a workflow submitted from here: the result before this one, and those after it
-        self.parent = None
-        self.children = []
+        self._parent = None      # set by canvas for the handles it returns, else from the result
+        self._children = None
 
     task_id = property(lambda self: self.id)
 
@@ -37,6 +36,34 @@ class AsyncResult:
 
     def __reduce__(self):
         return (AsyncResult, (self.id, self.app))
+
+    # -- workflow ----------------------------------------------------------------------------
+    @property
+    def parent(self):
+        """The result before this one in a workflow (a chain's previous step), or None."""
+        if self._parent is None:
+            parent_id = self._meta().get("parent_id")
+            if parent_id:
+                self._parent = AsyncResult(parent_id, self.app)
+        return self._parent
+
+    @parent.setter
+    def parent(self, value):
+        self._parent = value
+
+    @property
+    def children(self):
+        """Results of the tasks this one started (a chain's next step, ``link`` callbacks)."""
+        if self._children is None:
+            ids = self._meta().get("children") or []
+            if not ids and not self.ready():
+                return []  # not known until it finishes
+            self._children = [AsyncResult(i, self.app) for i in ids]
+        return self._children
+
+    @children.setter
+    def children(self, value):
+        self._children = list(value)
 
     # -- state -----------------------------------------------------------------------------
     def _meta(self):

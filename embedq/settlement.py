@@ -48,13 +48,18 @@ class Settlement:
         task_header = record[1] if record is not None else None
         if task_header is None and (waiting := batch.take_waiting(task_id)) is not None:
             task_header = waiting[0]  # a workflow step that ends before it ever ran
+        followers = task_header is not None and self.workflow is not None and has_followers(task_header)
+        if followers and b'"links"' in task_header:  # AsyncResult.children of a fresh handle
+            info = P.decode(raw)
+            info["children"] = P.decode(task_header).get("links", [])
+            raw = P.encode(info)
         expires = None if self.result_expires is None else self.clock() + self.result_expires
         batch.settle(task_id, raw, payload, expires)
         for client in self.waiters.get(task_id, ()):
             it.add(client, P.RESULT, raw, payload)
         it.after_commit.append(lambda: self.waiters.pop(task_id, None))
         self.on_settled(task_id)
-        if task_header is not None and self.workflow is not None and has_followers(task_header):
+        if followers:
             self.workflow.on_final(batch, it, task_id, P.decode(task_header), raw, payload,
                                    P.decode(raw).get("state"), self.clock())
 

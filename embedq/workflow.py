@@ -73,14 +73,14 @@ class Workflow:
         succeeded = state == states.SUCCESS
         if succeeded:
             for child in header.get("links", ()):
-                self._activate(batch, child, [payload], P.PREPEND_RESULT, now)
+                self._activate(batch, child, [payload], P.PREPEND_RESULT, now, parent=task_id)
         else:
             for child in header.get("links", ()):
                 self._fail(batch, it, child, result_raw, payload)
             info = P.decode(result_raw)
             errback = {"id": task_id, **{k: info.get(k) for k in ("exc_type", "exc_message", "traceback")}}
             for child in header.get("link_error", ()):
-                self._activate(batch, child, [payload], P.PREPEND_ERRBACK, now, errback)
+                self._activate(batch, child, [payload], P.PREPEND_ERRBACK, now, errback, parent=task_id)
         chord_id = header.get("chord")
         if chord_id:
             outcome = batch.chord_member_done(chord_id, failed=not succeeded)
@@ -97,13 +97,15 @@ class Workflow:
                 for root in batch.chord(chord_id)[1]:
                     self._fail(batch, it, root, result_raw, payload)
 
-    def _activate(self, batch, task_id, parts, kind, now, errback=None):
+    def _activate(self, batch, task_id, parts, kind, now, errback=None, parent=None):
         found = batch.take_waiting(task_id)
         if found is None:
             return  # activated before (a resent result), or ended meanwhile (revoked)
         raw_header, own = found
         header = P.decode(raw_header)
         header.pop("waiting", None)
+        if parent is not None:
+            header["parent_id"] = parent  # copied into its result: AsyncResult.parent
         if not header.get("immutable"):
             header["prepend"] = kind
             if errback is not None:
@@ -120,6 +122,8 @@ class Workflow:
         if found is None:
             return
         header = P.decode(result_raw)
+        parent = header.get("id")
         header.pop("token", None)
-        header.update(id=task_id, task=P.decode(found[0]).get("task"))
+        header.pop("children", None)
+        header.update(id=task_id, task=P.decode(found[0]).get("task"), parent_id=parent)
         self.settlement.store_result(batch, it, task_id, P.encode(header), payload)

@@ -153,7 +153,9 @@ class Plan:
         for tail in previous.tails:
             tail[1].setdefault(kind, []).extend(m[0] for m in following.roots)
         if kind == "links":
-            previous.result.children = [*getattr(previous.result, "children", []), following.result]
+            known = previous.result._children if isinstance(previous.result, AsyncResult) else None
+            if isinstance(previous.result, AsyncResult):
+                previous.result.children = [*(known or []), following.result]
 
 
 def _as_list(value):

@@ -187,3 +187,17 @@ def test_chain_step_that_retries_keeps_its_input_and_continues(worker, tmp_path)
     marks.mkdir()
     assert (add.s(1, 1) | add_after_retries.s(10, str(marks)) | add.s(100))().get(timeout=T) == 112
     assert (add.s(1, 1) | add_retry_new_args.s(0) | add.s(100))().get(timeout=T) == 105
+
+
+def test_a_fresh_handle_walks_the_workflow_from_stored_results(app, worker):
+    from embedq import AsyncResult
+    from testapp import add
+
+    last = (add.s(1, 1) | add.s(2) | add.s(3))()
+    assert last.get(timeout=T) == 7
+    fresh = AsyncResult(last.id, app=app)          # knows nothing but the id
+    middle = fresh.parent
+    assert middle.id == last.parent.id and middle.get(timeout=T) == 4
+    first = middle.parent
+    assert first.get(timeout=T) == 2 and first.parent is None
+    assert [c.id for c in AsyncResult(first.id, app=app).children] == [middle.id]
