@@ -96,7 +96,7 @@ class Broker:
         #: seconds an fsync iteration may wait to gather more messages (see poll_once)
         self.commit_delay = COMMIT_DELAY if durability == "fsync" else 0.0
         self.instance = uuid.uuid4().hex[:12]
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(self.store.rate_marks())
         self.settlement = Settlement(clock, result_expires, max_redeliveries, self.limiter.forget)
         self.waiters = self.settlement.waiters           # task id -> client identities
         self.leasing = Leasing(self.store, heartbeat, liveness, monotonic, self.settlement, self.instance,

@@ -353,6 +353,8 @@ class Leasing:
             if b'"rate_limit"' in raw:  # (a JSON string value cannot contain this unescaped)
                 header = P.TaskHeader.parse(raw)
                 due = header.rate and self.limiter.admit(task_id, header.task, header.rate, now)
+                if header.rate:  # committed with the dispatch: a restart keeps the spacing
+                    batch.set_rate_mark(header.task, self.limiter.next_free[header.task])
                 if due:
                     batch.schedule(task_id.encode(), batch.task(task_id)[0], due)
                     self.on_due(due)

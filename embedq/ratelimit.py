@@ -8,6 +8,10 @@ bucket of capacity one, as Celery's). A task taken from its queue too early is n
 the head of the queue to be looked at again every iteration: it is *scheduled* for the next free
 slot, and that slot is reserved for it. A queue of 10,000 tasks limited to 10/s thus costs one
 pass, after which each task comes due exactly when it may run.
+
+The broker commits each type's next free start with the dispatch that moved it, and starts from
+those after a restart, so a restart does not reset a limit ("5/h" stays 5 an hour). The
+reservations themselves are memory only: after a restart, waiting tasks take fresh slots.
 """
 
 import re
@@ -38,8 +42,9 @@ def parse_rate(value):
 class RateLimiter:
     """Next free start time per task name, and slots promised to tasks sent back to wait."""
 
-    def __init__(self):
-        self.next_free = {}      # task name -> earliest start of the next task of that name
+    def __init__(self, next_free=None):
+        #: task name -> earliest start of the next task of that name (the broker persists it)
+        self.next_free = dict(next_free or {})
         self.reserved = {}       # task id -> the slot it was promised
 
     def admit(self, task_id, name, rate, now):

@@ -10,7 +10,8 @@ Named databases and their keys (integers are big-endian so byte order is numeric
     leases     id                                  -> token u64 | since_us u64 | node id
                delivered to a worker node; the token names this delivery, so a late result from
                an evicted node is recognised and discarded
-    meta       b"seq" -> u64 (last sequence number / delivery token); b"version" -> b"2"
+    meta       b"seq" -> u64 (last sequence number / delivery token); b"version" -> b"2";
+               b"rate" 0x00 task name -> f64: when the next task of a rate-limited type may start
     beat       entry name                          -> hlen u32 | entry JSON | args payload
                periodic entries (beat.py): schedule, task header template and run state (last
                and next slot), rewritten in the transaction that enqueues the run it produces
@@ -52,6 +53,9 @@ _TASK_PREFIX = struct.Struct(">QI")       # seq, header length
 _LEASE = struct.Struct(">QQ")              # token, since (µs)
 _READY_SUFFIX = struct.Struct(">BQ")      # 255 - priority, seq
 _DUE = struct.Struct(">QQ")                # due (µs), seq
+_F64 = struct.Struct(">d")
+#: ``meta`` keys of rate limits: prefix | task name -> next free start (f64 seconds)
+_RATE_PREFIX = b"rate\0"
 
 
 class Lease:
@@ -129,6 +133,18 @@ class Store:
     def leases(self):
         with self.env.begin() as txn:
             return [_parse_lease(k, v) for k, v in txn.cursor(db=self.db["leases"])]
+
+    def rate_marks(self):
+        """{task name: earliest start of its next task} as last committed (rate limits)."""
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.db["meta"])
+            marks = {}
+            if cursor.set_range(_RATE_PREFIX):
+                for key, value in cursor:
+                    if not key.startswith(_RATE_PREFIX):
+                        break
+                    marks[key[len(_RATE_PREFIX):].decode()] = _F64.unpack(value)[0]
+            return marks
 
     def beat_entries(self):
         """Every periodic entry as (name, entry JSON, payload), in name order."""
@@ -308,6 +324,11 @@ class Batch(OutcomeRecords, WorkflowRecords):
         return (self.txn.get(key, db=self.db["tasks"]) is not None
                 or self.txn.get(key, db=self.db["results"]) is not None
                 or self.txn.get(key, db=self.db["waiting"]) is not None)
+
+    def set_rate_mark(self, name, next_free):
+        """Remember when the next task of a rate-limited type may start (survives a restart)."""
+        self.dirty = True
+        self.txn.put(_RATE_PREFIX + name.encode(), _F64.pack(next_free), db=self.db["meta"])
 
     def drop_lease(self, task_id):
         if self.txn.delete(task_id.encode(), db=self.db["leases"]):

@@ -40,3 +40,23 @@ def test_limiter_spaces_starts_and_reserves_slots():
     assert limiter.admit("d", "t", 10, now=100.1) == pytest.approx(100.3)  # after c's slot
     assert limiter.admit("c", "t", 10, now=100.05) == pytest.approx(100.2)  # too early: same slot
     assert limiter.admit("c", "t", 10, now=100.2) is None
+
+
+def test_rate_limit_survives_a_broker_restart(app, broker, start_worker):
+    """"1/m" (testapp.once_a_minute): a second task after a kill -9 of the broker still waits."""
+    import testapp
+
+    from embedq import states
+
+    start_worker(concurrency=2)
+    assert testapp.once_a_minute.delay().get(timeout=20) is not None
+    broker.kill()
+    broker.start()
+    second = testapp.once_a_minute.delay()
+    assert testapp.add.delay(1, 1).get(timeout=20) == 2  # the broker serves other tasks at once
+    assert second.state == states.PENDING                 # but this type's next slot is a minute away
+
+
+def test_limiter_starts_from_persisted_marks():
+    limiter = RateLimiter({"t": 200.0})
+    assert limiter.admit("a", "t", 1, now=150.0) == 200.0

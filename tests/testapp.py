@@ -321,3 +321,8 @@ def add_retry_new_args(self, x, y):
     if y < 3:
         raise self.retry(args=(x, y + 1), countdown=0.01)
     return x + y
+
+
+@app.task(rate_limit="1/m")
+def once_a_minute():
+    return time.time()
