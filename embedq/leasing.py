@@ -121,8 +121,10 @@ class Leasing:
         slot = node.slots.get(index)
         if slot is not None:
             slot.leaving = True  # not a dispatch target any more, even in this iteration
-            log.warning("pool process %s ended (%s): the %d delivery(ies) it held are settled or "
-                        "go back to the queue", slot.key, info.get("reason", "?"), len(slot.leases))
+            crashed = info.get("kind", P.LOST_CRASH) == P.LOST_CRASH
+            log.log(logging.WARNING if crashed else logging.INFO,
+                    "pool process %s ended (%s): the %d delivery(ies) it held are settled or go back "
+                    "to the queue", slot.key, info.get("reason", "?"), len(slot.leases))
             self._release(batch, it, slot, slot.leases.items(), started=started)
             it.after_commit.append(lambda: self.workers.remove_slot(slot))
 
@@ -240,6 +242,7 @@ class Leasing:
         if slot is None:
             return self._unknown(it, identity, body)
         settled = []
+        runtime = None  # the longest task among these results (for the prefetch window)
         for raw, payload in P.pairs(body):
             header = P.ResultHeader.parse(raw)
             settled.append(str(header.token).encode())
@@ -250,11 +253,15 @@ class Leasing:
                 continue
             it.after_commit.append(lambda t=header.token: slot.leases.pop(t, None))
             it.credit[slot] += 1  # the slot can take another task in this very iteration
+            if header.runtime is not None:
+                runtime = header.runtime if runtime is None else max(runtime, header.runtime)
             if header.state == P.RETRY_STATE:
                 self.on_due(self.settlement.retry(batch, header, raw, payload))
             else:
                 self.settlement.store_result(batch, it, header.id, raw, payload)
         it.add(identity, P.SETTLED, *settled)
+        if runtime is not None:
+            slot.observe(runtime)
 
     def _on_progress(self, batch, it, identity, body, now, mono):
         """A running task's STARTED or custom state (``update_state``): shown until it settles."""
@@ -322,6 +329,9 @@ class Leasing:
                 if credit > len(tasks) and any(ready(q) for q in slot.queues):
                     still_hungry.append(slot)
             slots = still_hungry
+        for slot in self.workers.slots.values():  # work is left: whoever is full is credit-bound
+            if slot.credit + it.credit[slot] <= 0 and any(ready(q) for q in slot.queues):
+                slot.limited = True
 
     def _take(self, batch, slot, limit, now):
         """Up to ``limit`` of the best ready tasks for ``slot`` that their rate limits let start."""

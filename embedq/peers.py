@@ -34,10 +34,28 @@ class Node:
         return f"<Node {self.node_id} slots={len(self.slots)}>"
 
 
-class Slot:
-    """One pool process, addressed by the routing id of its current socket."""
+#: Tasks that ran in less than this (seconds, as the pool process measured) may widen the window...
+SHORT_TASK = 0.002
+#: ...tasks that ran longer than this shrink it back to the process's own capacity.
+LONG_TASK = 0.02
+#: The widest window, as a multiple of the capacity the process asked for.
+MAX_WINDOW_FACTOR = 4
 
-    __slots__ = ("identity", "node", "index", "key", "capacity", "leases", "leaving")
+
+class Slot:
+    """One pool process, addressed by the routing id of its current socket.
+
+    Its credit is ``window - held``. The window starts at the capacity the process joined with
+    (one running plus ``worker_prefetch_multiplier - 1`` prefetched) and adapts to task length:
+    when dispatch had to leave ready work behind because the process had no credit, and the
+    results it then sends were of tasks under ``SHORT_TASK``, it ran dry faster than the broker
+    commits (an fsync takes longer than such tasks): the window doubles, up to
+    ``MAX_WINDOW_FACTOR`` times the capacity. A task longer than ``LONG_TASK`` puts it back at
+    the capacity at once. Prefetch thus stays small
+    in *time*: a wide window only ever holds tasks that each took a couple of milliseconds.
+    """
+
+    __slots__ = ("identity", "node", "index", "key", "capacity", "leases", "leaving", "window", "limited")
 
     def __init__(self, identity, node, index, capacity):
         self.identity = identity
@@ -51,10 +69,22 @@ class Slot:
         self.leases = {}
         #: died or unreachable: no more work for it
         self.leaving = False
+        #: deliveries it may hold at once (see the class docstring)
+        self.window = capacity
+        #: since its last results, dispatch left ready work behind because it had no credit
+        self.limited = False
 
     @property
     def credit(self):
-        return self.capacity - len(self.leases)
+        return self.window - len(self.leases)
+
+    def observe(self, runtime):
+        """Adapt the window after settled results whose longest task ran ``runtime`` seconds."""
+        if runtime > LONG_TASK:
+            self.window = self.capacity
+        elif self.limited and runtime < SHORT_TASK:
+            self.window = min(self.window * 2, self.capacity * MAX_WINDOW_FACTOR)
+        self.limited = False
 
     @property
     def queues(self):

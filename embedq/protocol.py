@@ -205,11 +205,16 @@ class ResultHeader(NamedTuple):
     state: str
     eta: float | None
     retries: int
+    #: seconds the task ran, as the pool process measured it (adapts its prefetch window)
+    runtime: float | None
 
     @classmethod
     def parse(cls, frame):
         obj = decode(frame)
         token = check_int(obj.get("token"), "result token")
+        runtime = obj.get("runtime")
+        if not isinstance(runtime, (int, float)) or isinstance(runtime, bool) or not runtime >= 0:
+            runtime = None  # absent or nonsense: no adaptation
         state = obj.get("state")
         eta, retries = None, 0
         if state == RETRY_STATE:
@@ -220,7 +225,7 @@ class ResultHeader(NamedTuple):
         elif state not in FINAL_STATES:
             raise ProtocolError(f"result state must be RETRY or one of {sorted(FINAL_STATES)}")
         return cls(id=check_name(obj.get("id"), "task id"), token=token, state=state, eta=eta,
-                   retries=retries)
+                   retries=retries, runtime=runtime)
 
 
 #: Header ``prepend`` kinds: what the broker put in front of a workflow task's own payload.

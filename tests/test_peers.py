@@ -292,3 +292,25 @@ def test_next_deadline_takes_the_soonest_node_and_never_goes_negative(table):
     assert table.next_deadline(7.0) == 0.0                 # overdue: poll without waiting
     table.remove(a)
     assert table.next_deadline(0.3) == pytest.approx(0.5)  # b's heartbeat at 0.8
+
+
+def test_window_widens_for_a_credit_bound_process_with_short_tasks_and_snaps_back_for_a_long_one():
+    from embedq.peers import LONG_TASK, MAX_WINDOW_FACTOR, SHORT_TASK, Node, Slot
+
+    slot = Slot(b"p", Node(b"n", "node", ["q"], 0.0), 0, capacity=4)
+    assert slot.credit == 4
+    slot.observe(SHORT_TASK / 2)                # short, but no work was left behind: no change
+    assert slot.window == 4
+    slot.limited = True
+    slot.observe(SHORT_TASK / 2)
+    assert slot.window == 8 and not slot.limited
+    for _ in range(10):
+        slot.limited = True
+        slot.observe(SHORT_TASK / 2)
+    assert slot.window == 4 * MAX_WINDOW_FACTOR and slot.credit == 16
+    slot.limited = True
+    slot.observe((SHORT_TASK + LONG_TASK) / 2)  # in between: keep the window
+    assert slot.window == 16
+    slot.leases.update({1: "a", 2: "b"})
+    slot.observe(LONG_TASK * 2)
+    assert slot.window == 4 and slot.credit == 2
