@@ -14,7 +14,11 @@ def test_rate_limit_is_global_across_nodes(app, start_worker):
     start_worker(concurrency=2)
     starts = sorted(r.get(timeout=30) for r in [testapp.stamp.delay() for _ in range(8)])
     gaps = [b - a for a, b in zip(starts, starts[1:])]
-    assert min(gaps) >= 0.2 - 0.01, gaps  # "5/s": one start every 0.2 s, whoever runs it
+    # "5/s": the broker hands one out every 0.2 s, whoever runs it. Starts are measured in the
+    # pool processes, so a slow pick-up can shift one start (not the rate): bound the span tightly
+    # and each gap loosely.
+    assert starts[-1] - starts[0] >= 7 * 0.2 - 0.05, gaps
+    assert min(gaps) >= 0.1, gaps
     assert testapp.add.delay(1, 1).get(timeout=10) == 2  # other task types are not held up
 
 
