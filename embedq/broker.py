@@ -30,6 +30,7 @@ import zmq
 from . import protocol as P
 from .client_requests import ClientRequests
 from .control import Control
+from .dispatch import Dispatcher
 from .beat import Beat
 from .errors import ProtocolError
 from .leasing import Leasing
@@ -100,7 +101,8 @@ class Broker:
         self.settlement = Settlement(clock, result_expires, max_redeliveries, self.limiter.forget)
         self.waiters = self.settlement.waiters           # task id -> client identities
         self.leasing = Leasing(self.store, heartbeat, liveness, monotonic, self.settlement, self.instance,
-                               self._due_at, self.limiter)
+                               self._due_at)
+        self.dispatcher = Dispatcher(self.store, self.leasing.workers, self.limiter, self._due_at)
         self.control = Control(self.settlement, self.leasing, self.store)
         self.workflow = self.settlement.workflow = Workflow(self.settlement, self._track)
         self.next_cleanup = 0.0
@@ -219,7 +221,7 @@ class Broker:
         if self.next_due is not None and self.next_due <= now:
             self.next_due = batch.promote_due(now)
         self.beat.fire_due(batch, it, now, refuse_submits)
-        self.leasing.dispatch(batch, it, now)
+        self.dispatcher.dispatch(batch, it, now)
         if mono >= self.next_cleanup:
             self.next_cleanup = mono + CLEANUP_INTERVAL
             batch.expire_results(now)

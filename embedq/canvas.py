@@ -148,7 +148,7 @@ class _Canvas:
     def apply_async(self, args=None, kwargs=None, **options):
         node = self._with_args(args or (), kwargs or {}) if (args or kwargs) else self
         for key in ("link", "link_error"):
-            for callback in _as_list(options.pop(key, None)):
+            for callback in as_list(options.pop(key, None)):
                 getattr(node, key)(callback)
         if options:
             node._set_all(options)
@@ -181,7 +181,7 @@ class chain(_Canvas):  # noqa: N801 - Celery's name
         super().__init__()
 
     def _with_args(self, args, kwargs):
-        return self._callbacks_to(chain(_clone(self.tasks[0], args, kwargs), *self.tasks[1:]))
+        return self._callbacks_to(chain(with_args(self.tasks[0], args, kwargs), *self.tasks[1:]))
 
     def _signatures(self):
         return [s for task in self.tasks for s in _signatures(task)]
@@ -201,7 +201,7 @@ class group(_Canvas):  # noqa: N801 - Celery's name
         super().__init__()
 
     def _with_args(self, args, kwargs):
-        return self._callbacks_to(group(*[_clone(task, args, kwargs) for task in self.tasks]))
+        return self._callbacks_to(group(*[with_args(task, args, kwargs) for task in self.tasks]))
 
     def _signatures(self):
         return [s for task in self.tasks for s in _signatures(task)]
@@ -256,13 +256,13 @@ class chunks(_Canvas):  # noqa: N801 - Celery's name
         return self.group()._signatures()
 
 
-def _as_list(value):
+def as_list(value):
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _clone(node, args, kwargs):
+def with_args(node, args, kwargs):
     return node.clone(args, kwargs) if isinstance(node, Signature) else node._with_args(args, kwargs)
 
 

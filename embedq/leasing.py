@@ -1,4 +1,4 @@
-"""The broker's worker side: registration, liveness, leases, redelivery and dispatch.
+"""The broker's worker side: registration, liveness, leases and redelivery (dispatch.py sends).
 
 Every delivery is a *lease*: a row in the store's ``leases`` database naming the task, the pool
 process holding it (``node id/index``) and a delivery *token*. A lease ends in exactly one way:
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class Leasing:
-    def __init__(self, store, heartbeat, liveness, monotonic, settlement, instance, on_due, limiter):
+    def __init__(self, store, heartbeat, liveness, monotonic, settlement, instance, on_due):
         self.store = store
         self.heartbeat = heartbeat
         self.workers = WorkerTable(heartbeat, liveness)
@@ -36,7 +36,6 @@ class Leasing:
         self.settlement = settlement
         #: called with the due time of a task rescheduled for a retry
         self.on_due = on_due
-        self.limiter = limiter
         self.instance = instance
         # Leases found in the store at startup belong to pool processes that must re-join (and
         # say what they still hold) within one liveness timeout, or the tasks are redelivered.
@@ -116,7 +115,7 @@ class Leasing:
         key = f"{node.node_id}/{index}"
         for lease in [lease for lease in self.orphans.values() if lease.node == key]:
             # it died before re-joining
-            self._requeue(batch, it, lease.task_id, lease.token, lease.token in started)
+            self.settlement.requeue(batch, it, lease.task_id, lease.token, lease.token in started)
             del self.orphans[lease.task_id]
         slot = node.slots.get(index)
         if slot is not None:
@@ -184,7 +183,7 @@ class Leasing:
             running = set().union(*(node.running for node in self.workers.nodes.values()))
             expired = [lease for lease in self.orphans.values() if lease.token not in running]
             for lease in expired:
-                self._requeue(batch, it, lease.task_id, lease.token, None)
+                self.settlement.requeue(batch, it, lease.task_id, lease.token, None)
                 del self.orphans[lease.task_id]
             if expired:
                 log.info("%d lease(s) of processes that did not come back were requeued", len(expired))
@@ -286,91 +285,11 @@ class Leasing:
         leases = list(leases)
         for token, task_id in leases:
             crashed = True if token in started else (None if maybe_started else False)
-            self._requeue(batch, it, task_id, token, crashed)
+            self.settlement.requeue(batch, it, task_id, token, crashed)
         if forget and leases:
             tokens = [token for token, _ in leases]
             it.after_commit.append(lambda: [slot.leases.pop(t, None) for t in tokens])
             it.credit[slot] += len(tokens)
-
-    def _requeue(self, batch, it, task_id, token, crashed):
-        self.settlement.requeue(batch, it, task_id, token, crashed)
-
-    # -- dispatch ------------------------------------------------------------------------------
-    def dispatch(self, batch, it, now):
-        """Give ready tasks to pool processes with credit: best task first, shared fairly."""
-        counts = self.store.ready_counts
-        delta = batch.ready_delta
-        if not delta and not any(counts.values()):
-            return
-
-        def ready(queue):
-            return counts[queue] + delta[queue] > 0
-
-        slots = self.workers.with_credit(ready, it.credit)
-        while slots:
-            queues = {q for s in slots for q in s.queues}
-            share = max(1, sum(counts[q] + delta[q] for q in queues) // len(slots))
-            still_hungry = []
-            for slot in slots:
-                credit = slot.credit + it.credit[slot]
-                tasks = self._take(batch, slot, min(credit, share), now)
-                if not tasks:
-                    continue
-                it.credit[slot] -= len(tasks)
-                frames = []
-                new_leases = {}
-                for task_id, raw, payload in tasks:
-                    token = batch.next_seq()
-                    batch.lease(task_id, token, slot.key, now)
-                    new_leases[token] = task_id
-                    frames += (str(token).encode(), raw, payload)
-                it.add(slot.identity, P.TASK, *frames)
-                it.after_commit.append(lambda s=slot, leases=new_leases: s.leases.update(leases))
-                if credit > len(tasks) and any(ready(q) for q in slot.queues):
-                    still_hungry.append(slot)
-            slots = still_hungry
-        for slot in self.workers.slots.values():  # work is left: whoever is full is credit-bound
-            if slot.credit + it.credit[slot] <= 0 and any(ready(q) for q in slot.queues):
-                slot.limited = True
-
-    def _take(self, batch, slot, limit, now):
-        """Up to ``limit`` of the best ready tasks for ``slot`` that their rate limits let start."""
-        taken = []
-        while len(taken) < limit:
-            found = self._take_ready(batch, slot.queues, limit - len(taken))
-            if not found:
-                break
-            taken += self._admitted(batch, found, now)
-        return taken
-
-    @staticmethod
-    def _take_ready(batch, queues, limit):
-        if len(queues) == 1:
-            return batch.take_ready(queues[0], limit)
-        taken = []
-        while len(taken) < limit:  # several queues: best (priority, age) across all of them
-            keys = [(k, q) for q in queues if (k := batch.peek_ready(q)) is not None]
-            if not keys:
-                break
-            taken += batch.take_ready(min(keys)[1], 1)
-        return taken
-
-    def _admitted(self, batch, tasks, now):
-        """Tasks whose type is over its rate limit wait in ``scheduled`` for their slot."""
-        admitted = []
-        for task in tasks:
-            task_id, raw, _ = task
-            if b'"rate_limit"' in raw:  # (a JSON string value cannot contain this unescaped)
-                header = P.TaskHeader.parse(raw)
-                due = header.rate and self.limiter.admit(task_id, header.task, header.rate, now)
-                if header.rate:  # committed with the dispatch: a restart keeps the spacing
-                    batch.set_rate_mark(header.task, self.limiter.next_free[header.task])
-                if due:
-                    batch.schedule(task_id.encode(), batch.task(task_id)[0], due)
-                    self.on_due(due)
-                    continue
-            admitted.append(task)
-        return admitted
 
     # -- liveness ------------------------------------------------------------------------------
     def unreachable(self, identity, error=None):

@@ -40,7 +40,7 @@ from . import limits as L
 from . import protocol as P
 from . import serialize, states
 from .arguments import run_builtin, task_arguments
-from .errors import NotRegistered, Retry, SoftTimeLimitExceeded, TaskRevokedError
+from .errors import NotRegistered, Retry, SoftTimeLimitExceeded
 from .lifecycle import die_with_parent
 from .transport import dealer, receive_ready, send_frames
 
@@ -324,9 +324,9 @@ class PoolWorker:
 
 def revoked_result(header, token, reason):
     """(result header, payload) of a delivery dropped unrun (revoked, or expired on arrival)."""
-    body, meta = serialize.dumps_exception(TaskRevokedError(reason))
-    return ({"id": header["id"], "token": token, "task": header.get("task"), "state": states.REVOKED,
-             "date_done": time.time(), **meta}, body)
+    result = P.error_result(header["id"], states.REVOKED, "TaskRevokedError", reason, time.time(),
+                            header.get("task"))
+    return {**result, "token": token}, b""
 
 
 def execute(app, token, header, payload, report=None):

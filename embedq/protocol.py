@@ -228,6 +228,17 @@ class ResultHeader(NamedTuple):
                    retries=retries, runtime=runtime)
 
 
+def error_result(task_id, state, error, message, when, task_name=None):
+    """The header of a result that ends a task without running it (revoked, expired, worker
+    lost), naming an ``embedq.errors`` class: no pickle is needed, clients rebuild it by name
+    (``serialize.loads_exception``). Its payload is empty."""
+    header = {"id": task_id, "state": state, "exc_type": f"embedq.errors.{error}",
+              "exc_message": message, "traceback": "", "date_done": when}
+    if task_name:
+        header["task"] = task_name
+    return header
+
+
 #: Header ``prepend`` kinds: what the broker put in front of a workflow task's own payload.
 PREPEND_RESULT = "result"      # the parent's result: the first positional argument
 PREPEND_RESULTS = "results"    # a chord's member results, in order: a list as first argument

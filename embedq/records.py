@@ -33,6 +33,11 @@ def split_record(value, offset=0):
     return value[start:start + length], value[start + length:]
 
 
+def _task_record(record):
+    """``seq u64 | hlen u32 | header | payload`` (a ``tasks`` value) -> (header, payload)."""
+    return split_record(record, 8)
+
+
 def join_record(first, rest):
     return _U32.pack(len(first)) + first + rest
 
@@ -124,8 +129,7 @@ class OutcomeRecords:
         found = []
         for key, value in self.txn.cursor(db=self.db["dead"]):
             reason, record = split_record(value)
-            (hlen,) = _U32.unpack_from(record, 8)
-            found.append((key.decode(), json.loads(reason), record[12:12 + hlen]))
+            found.append((key.decode(), json.loads(reason), _task_record(record)[0]))
             if len(found) >= limit:
                 break
         return found
@@ -139,8 +143,7 @@ class OutcomeRecords:
         self.dirty = True
         self.txn.delete(key, db=self.db["dead"])
         _, record = split_record(value)
-        (hlen,) = _U32.unpack_from(record, 8)
-        return record[12:12 + hlen], record[12 + hlen:]
+        return _task_record(record)
 
     # -- expiry of waiting tasks --------------------------------------------------------------
     def watch_expiry(self, task_id, expires):

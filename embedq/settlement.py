@@ -65,10 +65,7 @@ class Settlement:
 
     def conclude(self, batch, it, task_id, state, error, message, task_name=None):
         """End a task with a result the broker writes itself (REVOKED, WorkerLostError...)."""
-        header = {"id": task_id, "state": state, "exc_type": f"embedq.errors.{error}",
-                  "exc_message": message, "traceback": "", "date_done": self.clock()}
-        if task_name:
-            header["task"] = task_name
+        header = P.error_result(task_id, state, error, message, self.clock(), task_name)
         self.store_result(batch, it, task_id, P.encode(header), b"")
 
     def revoke_waiting(self, batch, it, task_id, reason, task_name=None):

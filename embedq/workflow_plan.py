@@ -10,7 +10,7 @@ link always leaves exactly one tail.
 import uuid
 
 from .arguments import COLLECT_TASK
-from .canvas import Signature, chain, chord, chunks, group
+from .canvas import Signature, as_list, with_args, chain, chord, chunks, group
 from .result import AsyncResult, GroupResult
 from . import protocol as P
 
@@ -102,9 +102,9 @@ class Plan:
         self.messages.append(message)
         compiled = _Compiled([message], [message], AsyncResult(task_id, self.app))
         self.results.append(compiled.result)
-        for callback in _as_list(links):
+        for callback in as_list(links):
             self._attach(compiled, self.compile(callback, waiting=True), "links")
-        for errback in _as_list(errbacks):
+        for errback in as_list(errbacks):
             self._attach(compiled, self.compile(errback, waiting=True), "link_error")
         return compiled
 
@@ -130,7 +130,7 @@ class Plan:
             elements.append(self.compile(task, waiting))
         header_result = GroupResult(str(uuid.uuid4()), [e.result for e in elements], self.app)
         if not elements:  # Celery: an empty header calls the body at once with []
-            body = self.compile(_clone_with(node.body, ([],)), waiting)
+            body = self.compile(with_args(node.body, ([],), {}), waiting)
             body.result.parent = header_result
             return body
         body = self.compile(node.body, waiting=True)
@@ -156,13 +156,3 @@ class Plan:
             known = previous.result._children if isinstance(previous.result, AsyncResult) else None
             if isinstance(previous.result, AsyncResult):
                 previous.result.children = [*(known or []), following.result]
-
-
-def _as_list(value):
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _clone_with(node, args):
-    return node.clone(args) if isinstance(node, Signature) else node._with_args(args, {})
