@@ -78,6 +78,8 @@ class Iteration:
         #: slot -> credit change this iteration: + leases settled or requeued, - tasks delivered
         #: (slot.leases itself changes only after the commit)
         self.credit = defaultdict(int)
+        #: slot -> tokens of results settled in this iteration (SETTLED is deferred, see _flush)
+        self.settled = defaultdict(list)
 
     def send(self, identity, command, *body):
         self.sends.append((identity, P.message(command, *body)))
@@ -160,6 +162,8 @@ class Broker:
     def _next_timer(self):
         mono = self.monotonic()
         timers = [self.leasing.next_deadline(mono), self.next_cleanup - mono]
+        if self.leasing.settles.next_due is not None:
+            timers.append(self.leasing.settles.next_due - mono)
         now = self.clock()
         if self.next_due is not None:
             timers.append(self.next_due - now)
@@ -227,10 +231,18 @@ class Broker:
             batch.expire_results(now)
 
     def _flush(self, it):
-        # batched messages (TASK deliveries, RESULT pushes) first: they are on someone's critical path
-        outgoing = [(identity, P.message(command, *body)) for (identity, command), body in it.batched.items()]
-        sock = self.socket
         mono = self.monotonic()
+        settles = self.leasing.settles
+        settles.add(it.settled, mono)
+        # batched messages (TASK deliveries, RESULT pushes) first: they are on someone's critical
+        # path. A process's deferred SETTLED goes just before its TASK: one wake-up for both.
+        outgoing = []
+        for (identity, command), body in it.batched.items():
+            if command == P.TASK and (settled := settles.take(identity)):
+                outgoing.append((identity, P.message(P.SETTLED, *settled)))
+            outgoing.append((identity, P.message(command, *body)))
+        outgoing += [(identity, P.message(P.SETTLED, *tokens)) for identity, tokens in settles.due(mono)]
+        sock = self.socket
         nodes = self.leasing.workers.nodes
         for identity, frames in outgoing + it.sends:
             try:

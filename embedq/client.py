@@ -36,6 +36,9 @@ LINGER_MS = 1000
 OUTSTANDING_LIMIT = 100_000
 #: Most ids one bulk WAIT asks for.
 BULK_WAIT = 10_000
+#: Group submit: SUBMITs of this process's threads in flight at once. Two keep the broker fed
+#: (the next group is there while it commits the last) without splitting groups.
+GROUP_SUBMITS_IN_FLIGHT = 2
 #: Messages a client socket queues while the broker is away (resends cover what is dropped).
 HIGH_WATER_MARK = 100_000
 
@@ -59,6 +62,22 @@ class ResultCache:
             return self.items.pop(task_id, None)
 
 
+class _SubmitGroup:
+    def __init__(self):
+        self.ready = threading.Condition()
+        self.queue = []        # _GroupedSubmit entries not sent yet
+        self.sending = 0       # threads sending a SUBMIT and waiting for its ACK
+
+
+class _GroupedSubmit:
+    __slots__ = ("conn", "messages", "taken", "done", "outcome")
+
+    def __init__(self, conn, messages):
+        self.conn, self.messages = conn, messages
+        self.taken = False   # in a SUBMIT some thread is sending
+        self.done, self.outcome = False, None
+
+
 class Connection:
     """One DEALER socket owned by one thread."""
 
@@ -67,12 +86,15 @@ class Connection:
         self.identity = identity or b"c:" + uuid.uuid4().hex.encode()
         self.socket = dealer(client.context, client.url, self.identity, LINGER_MS, HIGH_WATER_MARK)
         self.replies = {}
+        #: it has sent a request (so the broker can route pushed results to it)
+        self.used = False
 
     def close(self):
         self.socket.close(linger=LINGER_MS)
 
     def send(self, frames):
         send_frames(self.socket, frames, 0)
+        self.used = True
 
     def pump(self, timeout):
         """Wait up to ``timeout`` seconds for messages and file them. True if any came."""
@@ -127,6 +149,8 @@ class Client:
         self.outstanding = collections.OrderedDict()
         #: optional hook (task id, header, payload) for results pushed to other identities' owners
         self.on_result = None
+        #: submits of concurrent threads waiting to share one SUBMIT (see submit)
+        self.group = _SubmitGroup()
 
     def connection(self):
         conn = getattr(self.local, "connection", None)
@@ -164,22 +188,71 @@ class Client:
     # -- requests ----------------------------------------------------------------------------
     def submit(self, messages, timeout=None, chords=None):
         """Send (task id, header JSON, payload) triples in one message; return once committed.
-        ``chords``: the chord counters of a workflow (canvas.py), stored in the same commit."""
+        ``chords``: the chord counters of a workflow (canvas.py), stored in the same commit.
+
+        Submits from several threads at once share SUBMITs (group submit): while one thread's
+        SUBMIT is in flight, the others queue theirs, and the first of them sends all that
+        queued in one message (one broker commit) for everyone, each result routed to its own
+        thread's socket. A lone thread sends at once, as before."""
         conn = self.connection()
+        if chords or not conn.used:
+            # a socket's first request goes itself: the broker can route results to a socket
+            # only once it has heard from it
+            return conn, self._send_submit(conn, [(conn, messages)], timeout, chords)
+        entry = _GroupedSubmit(conn, messages)
+        group = self.group
+        with group.ready:
+            group.queue.append(entry)
+            while not entry.done and (entry.taken or group.sending >= GROUP_SUBMITS_IN_FLIGHT):
+                group.ready.wait()
+            if not entry.done:  # lead: send everything queued, ours included
+                group.sending += 1
+                batch, group.queue = group.queue, []
+                for waiting in batch:
+                    waiting.taken = True
+        if not entry.done:
+            try:
+                outcome = self._send_submit(conn, [(e.conn, e.messages) for e in batch], timeout)
+            except Exception as exc:
+                outcome = exc
+                raise
+            except BaseException:  # (KeyboardInterrupt): the others get an error they can handle
+                outcome = BrokerUnavailable("the thread sending this submit was interrupted; "
+                                            "resubmit with the same task_id (it is idempotent)")
+                raise
+            finally:
+                with group.ready:
+                    for waiting in batch:
+                        waiting.done, waiting.outcome = True, outcome
+                    group.sending -= 1
+                    group.ready.notify_all()
+        if isinstance(entry.outcome, BaseException):
+            raise entry.outcome
+        return conn, entry.outcome
+
+    def _send_submit(self, conn, parts, timeout, chords=None):
+        """One SUBMIT on ``conn`` carrying ``parts``: (owner connection, messages) pairs."""
         req = next(self.requests)
-        control = P.encode({"req": req, "chords": chords}) if chords else b'{"req":%d}' % req
-        frames = [P.PROTOCOL, P.SUBMIT, control]
-        for _, header, payload in messages:
-            frames += (header, payload)
+        control = {"req": req}
+        if chords:
+            control["chords"] = chords
+        if any(owner is not conn for owner, _ in parts):
+            control["owners"] = [owner.identity.decode() if owner is not conn else None
+                                 for owner, messages in parts for _ in messages]
+        frames = [P.PROTOCOL, P.SUBMIT, P.encode(control) if len(control) > 1 else b'{"req":%d}' % req]
+        for _, messages in parts:
+            for _, header, payload in messages:
+                frames += (header, payload)
         reply = conn.request(frames, req, self.connection_timeout if timeout is None else timeout)
         if reply.get("error") == "StorageFull":
             raise StorageFull(reply.get("message", "broker store is full"))
         with self.lock:
-            for task_id, _, _ in messages:
-                self.outstanding[task_id] = None
+            for _, messages in parts:
+                for task_id, _, _ in messages:
+                    self.outstanding[task_id] = None
             while len(self.outstanding) > OUTSTANDING_LIMIT:
                 self.outstanding.popitem(last=False)
-        return conn, reply
+        return reply
 
     def status(self, task_ids):
         conn = self.connection()

@@ -22,6 +22,7 @@ class ClientRequests:
             raise ProtocolError("SUBMIT without a control frame")
         control = P.decode(body[0])
         tasks = [(P.TaskHeader.parse(h), h, p) for h, p in P.pairs(body[1:])]
+        owners = _owners(control, len(tasks))
         reply = {"req": control.get("req"), "ok": 0, "dup": []}
         if refuse_submits:
             reply.update(error="StorageFull", message=(
@@ -30,7 +31,7 @@ class ClientRequests:
         else:
             if "chords" in control:
                 self.workflow.accept(batch, control)
-            for header, raw, payload in tasks:
+            for index, (header, raw, payload) in enumerate(tasks):
                 if header.waiting:
                     added = batch.add_waiting(header.id, raw, payload)
                 elif batch.add_task(header, raw, payload, now):
@@ -38,15 +39,17 @@ class ClientRequests:
                     self.track(header)
                 else:
                     added = False
+                # whose result it is: reply_to, else the thread it was sent for, else the sender
+                owner = (header.reply_to.encode() if header.reply_to
+                         else (owners and owners[index]) or identity)
                 if added:
                     reply["ok"] += 1
                 else:
                     reply["dup"].append(header.id)
+                    # a resent or re-submitted id: its owner may be owed the result now
+                    self.reply_if_settled(batch, it, owner, header.id)
                 if header.notify:
-                    self.waiters[header.id].add(header.reply_to.encode() if header.reply_to else identity)
-            if reply["dup"]:  # a resent or re-submitted id: its waiter may be owed a result now
-                for task_id in reply["dup"]:
-                    self.reply_if_settled(batch, it, identity, task_id)
+                    self.waiters[header.id].add(owner)
         if reply["dup"] or "error" in reply or not isinstance(reply["req"], int):
             it.send(identity, P.ACK, P.encode(reply))
         else:  # the common answer, without the JSON encoder
@@ -90,3 +93,14 @@ class ClientRequests:
         for task_id in P.check_ids(control):
             batch.forget(task_id)
         it.send(identity, P.ACK, P.encode({"req": control.get("req"), "ok": len(control["ids"])}))
+
+
+def _owners(control, count):
+    """The SUBMIT's ``owners``: per task, the routing id of the client socket its result goes to
+    (a client that sends the tasks of several threads in one SUBMIT), or None for the sender."""
+    owners = control.get("owners")
+    if owners is None:
+        return None
+    if not isinstance(owners, list) or len(owners) != count:
+        raise ProtocolError("owners must be a list with one routing id (or null) per task")
+    return [P.check_name(o, "owner").encode() if o is not None else None for o in owners]

@@ -17,7 +17,7 @@ import logging
 
 from . import protocol as P
 from .errors import ProtocolError
-from .peers import WorkerTable
+from .peers import DeferredSettles, WorkerTable
 from .store import Lease
 from .transport import RECONNECT_IVL_MAX_MS
 
@@ -29,6 +29,8 @@ class Leasing:
         self.store = store
         self.heartbeat = heartbeat
         self.workers = WorkerTable(heartbeat, liveness)
+        #: SETTLED confirmations waiting to ride along with the next TASK (peers.py)
+        self.settles = DeferredSettles(self.workers)
         #: how long a lease without a live holder waits for its process to re-join: a node must
         #: notice the silence (one liveness timeout), reconnect (ZeroMQ backs off up to
         #: RECONNECT_IVL_MAX) and register, with the same again as margin
@@ -258,7 +260,7 @@ class Leasing:
                 self.on_due(self.settlement.retry(batch, header, raw, payload))
             else:
                 self.settlement.store_result(batch, it, header.id, raw, payload)
-        it.add(identity, P.SETTLED, *settled)
+        it.settled[slot] += settled  # confirmed after the commit (see DeferredSettles)
         if runtime is not None:
             slot.observe(runtime)
 

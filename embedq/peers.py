@@ -55,7 +55,8 @@ class Slot:
     in *time*: a wide window only ever holds tasks that each took a couple of milliseconds.
     """
 
-    __slots__ = ("identity", "node", "index", "key", "capacity", "leases", "leaving", "window", "limited")
+    __slots__ = ("identity", "node", "index", "key", "capacity", "leases", "leaving", "window", "limited",
+                 "settles", "settle_due")
 
     def __init__(self, identity, node, index, capacity):
         self.identity = identity
@@ -73,6 +74,10 @@ class Slot:
         self.window = capacity
         #: since its last results, dispatch left ready work behind because it had no credit
         self.limited = False
+        #: tokens of committed results not yet confirmed with SETTLED (they ride on the next
+        #: TASK to this process, or leave at ``settle_due``, see Leasing.outgoing_settles)
+        self.settles = []
+        self.settle_due = None
 
     @property
     def credit(self):
@@ -92,6 +97,68 @@ class Slot:
 
     def __repr__(self):
         return f"<Slot {self.key} {len(self.leases)}/{self.capacity}>"
+
+
+#: Seconds a SETTLED may wait to ride along with the next TASK to the same pool process (one
+#: wake-up of that process instead of two per task). A process resends a result that stays
+#: unsettled for three heartbeats, far longer.
+SETTLE_DELAY = 0.05
+
+
+class DeferredSettles:
+    """SETTLED confirmations held back until a TASK goes to the same process, or ``delay``.
+
+    Only committed results are held here (the broker adds them after its commit), so sending
+    them later never confirms anything that is not stored. A process that is leaving gets its
+    confirmations at once: it waits for them before it exits.
+    """
+
+    def __init__(self, workers, delay=SETTLE_DELAY):
+        self.workers = workers
+        self.delay = delay
+        self.pending = set()   # slots with tokens held back
+        #: earliest ``settle_due`` of a pending slot (a loop timer), or None
+        self.next_due = None
+
+    def add(self, settled, now):
+        """``settled``: slot -> tokens whose results were just committed."""
+        for slot, tokens in settled.items():
+            if not slot.settles:
+                slot.settle_due = now + self.delay
+                self.pending.add(slot)
+            slot.settles += tokens
+        if settled:
+            self._update()
+
+    def take(self, identity):
+        """The tokens held for the process on ``identity`` (now sent with its TASK), or None."""
+        slot = self.workers.slots.get(identity)
+        if slot is None or not slot.settles:
+            return None
+        tokens, slot.settles, slot.settle_due = slot.settles, [], None
+        self.pending.discard(slot)
+        self._update()
+        return tokens
+
+    def due(self, now):
+        """(identity, tokens) of the SETTLED messages to send now: those that waited ``delay``,
+        and any for a process that is leaving or already gone from the table (no TASK will go
+        to it to carry them; a retiring process waits for them before it exits)."""
+        if not self.pending:
+            return []
+        out = []
+        for slot in list(self.pending):
+            if (slot.settle_due <= now or slot.leaving
+                    or self.workers.slots.get(slot.identity) is not slot):
+                out.append((slot.identity, slot.settles))
+                slot.settles, slot.settle_due = [], None
+                self.pending.discard(slot)
+        if out:
+            self._update()
+        return out
+
+    def _update(self):
+        self.next_due = min((s.settle_due for s in self.pending), default=None)
 
 
 class WorkerTable:

@@ -80,7 +80,12 @@ def _child_main(control, status, current, app, node_id, index, broker_url, capac
     die_with_parent(signal.SIGKILL, parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     worker = PoolWorker(control, status, app, node_id, index, broker_url, capacity, limits, current)
-    sys.exit(worker.serve())
+    code = worker.serve()
+    # Interpreter shutdown restores SIGUSR1's default action (terminate): a drain signal sent
+    # now would turn this clean exit into a reported crash.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    status[SERVING] = 0
+    sys.exit(code)
 
 
 class PoolWorker:

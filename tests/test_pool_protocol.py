@@ -150,3 +150,47 @@ def test_autoscale_spec():
     for bad in ("", "a,b", "1,2,3", "0", "-1,1"):
         with pytest.raises(ValueError):
             parse(bad)
+
+
+def test_settled_rides_on_the_next_task_or_comes_alone_soon(peers, raw_worker, assert_serves):
+    """SETTLED is deferred so a busy process wakes once for it and its next TASK: it arrives just
+    before that TASK, or on its own within the settle delay when no TASK follows."""
+    supervisor, pool = raw_worker(capacity=1)
+    client = peers()
+    client.submit(add_task("first", queue="raw"), add_task("second", queue="raw"))
+    token, raw, _ = pool.take_task()
+    assert P.decode(raw)["id"] == "first"
+    pool.command(P.RESULT, *success_result("first", token, 5))
+    assert pool.expect(P.SETTLED) == [str(token).encode()]  # ahead of the next delivery
+    second, raw, _ = pool.take_task()
+    assert P.decode(raw)["id"] == "second"
+    pool.command(P.RESULT, *success_result("second", second, 5))
+    assert pool.expect(P.SETTLED, timeout=2.0) == [str(second).encode()]  # nothing left to ride on
+    assert client.state("second") == states.SUCCESS
+    assert_serves()
+
+
+def test_submit_owners_route_each_result_to_its_own_socket(peers, raw_worker, assert_serves):
+    """A client's group submit names, per task, the socket owed the result (``owners``)."""
+    supervisor, pool = raw_worker(capacity=2)
+    sender, owner = peers(), peers(identity=b"c:owner")
+    owner.states("nothing")  # the broker routes to a socket only once it has heard from it
+    sender.command(P.SUBMIT, P.encode({"req": 9, "owners": ["c:owner", None]}),
+                   *add_task("theirs", queue="raw"), *add_task("mine", queue="raw"))
+    assert P.decode(sender.expect(P.ACK)[0]) == {"req": 9, "ok": 2, "dup": []}
+    for _ in range(2):
+        token, raw, _ = pool.take_task()
+        pool.command(P.RESULT, *success_result(P.decode(raw)["id"], token, 5))
+    assert P.decode(owner.expect(P.RESULT)[0])["id"] == "theirs"
+    assert P.decode(sender.expect(P.RESULT)[0])["id"] == "mine"
+    assert owner.try_recv(0.3) is None and sender.try_recv(0.1) is None
+
+
+@pytest.mark.parametrize("owners", [["a"], "c:x", [None, None, None], [7, None]])
+def test_submit_with_bad_owners_is_refused_whole(peers, assert_serves, owners):
+    client = peers()
+    client.command(P.SUBMIT, P.encode({"req": 1, "owners": owners}),
+                   *add_task("o-1", queue="raw"), *add_task("o-2", queue="raw"))
+    client.expect_disconnect("owners" if not isinstance(owners, list) or len(owners) != 2 else "owner")
+    assert client.states("o-1")["o-1"]["state"] == states.UNKNOWN  # nothing of it was stored
+    assert_serves()

@@ -129,3 +129,38 @@ def test_no_broker_configured_names_the_fix():
 
     with pytest.raises(embedq.ConfigurationError, match="embedq.start"):
         f.delay()
+
+
+def test_threads_share_submits_and_each_gets_its_own_results(app, start_worker):
+    """Threads that delay() at the same time share SUBMITs (group submit: one broker commit for
+    all of them), and every result is still pushed to the socket of the thread that asked: with
+    resends slowed to 30 s, a result sent anywhere else would time the get() out."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import testapp
+
+    app.conf.broker_resend_interval = 30.0
+    start_worker()
+    client = app.client
+    sizes = []
+    send_submit = client._send_submit
+
+    def recording(conn, parts, timeout, chords=None):  # the real send, with its size noted
+        sizes.append(sum(len(messages) for _, messages in parts))
+        return send_submit(conn, parts, timeout, chords)
+
+    client._send_submit = recording
+    threads = 8
+    start = threading.Barrier(threads)
+
+    def work(i):
+        testapp.add.delay(0, 0).get(timeout=20)  # this thread's socket is known to the broker
+        start.wait()
+        results = [testapp.add.delay(i, j) for j in range(30)]
+        return [r.get(timeout=20) for r in results] == [i + j for j in range(30)]
+
+    with ThreadPoolExecutor(threads) as pool:
+        assert all(pool.map(work, range(threads)))
+    assert sum(sizes) == threads * 31
+    assert max(sizes) > 1  # some SUBMITs carried several threads' tasks
