@@ -68,6 +68,20 @@ def ppe():
 
 
 @pytest.fixture(scope="module")
+def zmq_floor():
+    from zmq_floor import ZmqFloor
+
+    floor = ZmqFloor()
+    try:
+        for _ in range(WARMUP_TRIPS):
+            floor.trip()
+        floor.run(WARMUP_BATCH)
+        yield floor
+    finally:
+        floor.close()
+
+
+@pytest.fixture(scope="module")
 def mp_pool():
     with multiprocessing.Pool(WORKERS) as pool:
         for _ in range(WARMUP_TRIPS):

@@ -16,6 +16,7 @@ WARMUP_BATCH = 1_000
 PPE = "ProcessPoolExecutor(2)"
 POOL = "multiprocessing.Pool(2)"
 EMBEDQ = "embedq"
+ZMQ_FLOOR = "ZeroMQ floor (bare ROUTER broker + echo worker)"
 
 
 def percentile(sorted_values, fraction):

@@ -16,6 +16,9 @@ Throughput (each: submit N no-ops, then wait for all of them):
   Concurrent submitters land in the same broker loop iteration, so one LMDB commit (one fsync)
   covers many of them: this is how ``fsync`` durability keeps throughput;
 - ``embedq-map``: ``cluster.map(noop_fn, range(N))`` (1,000 calls per submit; reference).
+
+The ZeroMQ floor (``zmq_floor.py``) is a reference for both: a bare ROUTER broker and an echo
+worker, the same four hops as ``delay().get()`` with no work at any of them.
 """
 
 import concurrent.futures
@@ -24,7 +27,7 @@ import threading
 import pytest
 
 import bench_tasks
-from harness import EMBEDQ, N_THREADS, POOL, PPE, measure_latency, measure_throughput
+from harness import EMBEDQ, N_THREADS, POOL, PPE, ZMQ_FLOOR, measure_latency, measure_throughput
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
 
@@ -39,6 +42,11 @@ def test_latency_ppe(benchmark, ppe):
 
 def test_latency_pool(benchmark, mp_pool):
     measure_latency(benchmark, lambda: mp_pool.apply_async(noop_fn).get(), system=POOL)
+
+
+def test_latency_zmq_floor(benchmark, zmq_floor):
+    """Reference: the four ZeroMQ hops of a round trip with no work at any of them."""
+    measure_latency(benchmark, zmq_floor.trip, system=ZMQ_FLOOR)
 
 
 def test_latency_embedq_delay(benchmark, embedq_cluster):
@@ -70,6 +78,11 @@ def test_throughput_pool_apply_async(benchmark, mp_pool):
         return sum(1 for r in results if r.get() is None)
 
     measure_throughput(benchmark, run, system=POOL, label=f"{POOL}: apply_async N, get all")
+
+
+def test_throughput_zmq_floor(benchmark, zmq_floor):
+    measure_throughput(benchmark, zmq_floor.run, system=ZMQ_FLOOR,
+                       label=f"{ZMQ_FLOOR}: pipelined, 1,000 in flight (reference)")
 
 
 def test_throughput_pool_map(benchmark, mp_pool):

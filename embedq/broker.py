@@ -235,12 +235,13 @@ class Broker:
         settles = self.leasing.settles
         settles.add(it.settled, mono)
         # batched messages (TASK deliveries, RESULT pushes) first: they are on someone's critical
-        # path. A process's deferred SETTLED goes just before its TASK: one wake-up for both.
+        # path. A process's deferred SETTLED goes right behind its TASK: it is read when that
+        # task is done, with no wake-up of its own and nothing sent ahead of the TASK.
         outgoing = []
         for (identity, command), body in it.batched.items():
+            outgoing.append((identity, P.message(command, *body)))
             if command == P.TASK and (settled := settles.take(identity)):
                 outgoing.append((identity, P.message(P.SETTLED, *settled)))
-            outgoing.append((identity, P.message(command, *body)))
         outgoing += [(identity, P.message(P.SETTLED, *tokens)) for identity, tokens in settles.due(mono)]
         sock = self.socket
         nodes = self.leasing.workers.nodes

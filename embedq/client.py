@@ -64,7 +64,7 @@ class ResultCache:
 
 class _SubmitGroup:
     def __init__(self):
-        self.ready = threading.Condition()
+        self.ready = threading.Condition(threading.Lock())
         self.queue = []        # _GroupedSubmit entries not sent yet
         self.sending = 0       # threads sending a SUBMIT and waiting for its ACK
 

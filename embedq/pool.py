@@ -128,7 +128,7 @@ class PoolWorker:
             if self.backlog and self.retiring is None:
                 self._run(*self.backlog.popleft())
                 self._check_recycle()
-                wait = 0
+                wait = 0 if self.backlog else self.heartbeat  # idle now: block for input
             else:
                 wait = self.heartbeat
             if self.finished and (not self.backlog or len(self.finished) >= 2 * RESULT_BATCH):

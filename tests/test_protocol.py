@@ -380,7 +380,8 @@ def test_delivery_lost_in_transit_is_redelivered(peers, raw_worker, assert_serve
     pool.command(P.HEARTBEAT, P.encode({"held": [], "seen": third - 1}))
     assert client.state("again") == states.RECEIVED
     pool.command(P.RESULT, *success_result("again", third, 5))
-    assert pool.expect(P.SETTLED) == [str(third).encode()]  # no TASK came in between
+    assert pool.expect(P.SETTLED) == [str(third).encode()]
+    assert not pool.stashed  # no TASK came with it: the task was not delivered a fourth time
     assert client.state("again") == states.SUCCESS
     assert_serves()
 
