@@ -22,7 +22,7 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
 
-def fake_broker(url, tasks, report_path):
+def fake_broker(url, report_path, tasks):
     """Runs in the subprocess: WELCOME the pool process, then TASK -> RESULT -> SETTLED, in turn."""
     import zmq
 
