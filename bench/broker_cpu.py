@@ -25,6 +25,8 @@ import time
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
+from harness import child_env  # noqa: E402  (needs the path above)
+
 
 def peers(url, tasks, batch, in_flight):
     """Runs in the subprocess: node, two pool processes and a client on raw DEALER sockets."""
@@ -128,9 +130,8 @@ def main():
     workdir = tempfile.mkdtemp(prefix="embedq-broker-cpu-", dir=os.environ.get("BENCH_TMPDIR"))
     broker = Broker(os.path.join(workdir, "data"), f"ipc://{workdir}/broker.sock",
                     durability=args.durability)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [BENCH_DIR, os.environ.get("PYTHONPATH")])))
     load = subprocess.Popen([sys.executable, __file__, "--peers", broker.endpoint, "--tasks", str(args.tasks),
-                             "--batch", str(args.batch), "--in-flight", str(args.in_flight)], env=env)
+                             "--batch", str(args.batch), "--in-flight", str(args.in_flight)], env=child_env())
     totals = collections.Counter()
     if args.sections:
         _time_sections(broker, totals)

@@ -19,6 +19,13 @@ EMBEDQ = "embedq"
 ZMQ_FLOOR = "ZeroMQ floor (bare ROUTER broker + echo worker)"
 
 
+def child_env():
+    """The environment for a subprocess that must import ``bench_tasks`` (this directory first
+    on its PYTHONPATH): the profiling scripts' workers, clients and fake peers."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+
+
 def percentile(sorted_values, fraction):
     """Nearest-rank percentile of an already sorted list."""
     index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))

@@ -21,6 +21,8 @@ import time
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
+from harness import child_env  # noqa: E402  (needs the path above)
+
 
 def fake_broker(url, report_path, tasks):
     """Runs in the subprocess: WELCOME the pool process, then TASK -> RESULT -> SETTLED, in turn."""
@@ -58,9 +60,8 @@ def main():
 
     workdir = tempfile.mkdtemp(prefix="embedq-pool-cpu-")
     url, report = f"ipc://{workdir}/broker.sock", os.path.join(workdir, "report")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [BENCH_DIR, os.environ.get("PYTHONPATH")])))
     broker = subprocess.Popen([sys.executable, __file__, "--tasks", str(args.tasks), "--broker", url, report],
-                              env=env)
+                              env=child_env())
     control, commands = multiprocessing.Pipe(duplex=False)
     worker = PoolWorker(control, multiprocessing.RawArray("d", STATUS_FIELDS), bench_tasks.app, "n1", 0,
                         url, 4, current=multiprocessing.RawArray("c", CURRENT_SIZE))

@@ -35,11 +35,7 @@ import time
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [BENCH_DIR, env.get("PYTHONPATH")]))
-    return env
+from harness import child_env  # noqa: E402  (needs the path above)
 
 
 def _top(profile, limit, sort="tottime"):
@@ -132,7 +128,7 @@ def _client_process(url, args):
     return subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--client", url, "--trips", str(args.trips),
          "--mode", args.mode, "--limit", str(args.limit), "--threads", str(args.threads)],
-        env=_env(), stdin=subprocess.DEVNULL)
+        env=child_env(), stdin=subprocess.DEVNULL)
 
 
 def _stop(*processes):
@@ -253,7 +249,7 @@ def broker_main(args):
     try:
         worker = None if args.mode == "submit" else subprocess.Popen(
             [sys.executable, "-m", "embedq.worker", "-A", "bench_tasks", "--broker", broker.endpoint,
-             "-c", "2", "--loglevel", "WARNING"], env=_env(), stdin=subprocess.DEVNULL)
+             "-c", "2", "--loglevel", "WARNING"], env=child_env(), stdin=subprocess.DEVNULL)
         client = _client_process(broker.endpoint, args)
         # Serve unprofiled through the client's warm-up and clean pass, then profile its second
         # pass. The store's sequence counts submits and deliveries (one each per task).

@@ -75,7 +75,7 @@ class Slot:
         #: since its last results, dispatch left ready work behind because it had no credit
         self.limited = False
         #: tokens of committed results not yet confirmed with SETTLED (they ride on the next
-        #: TASK to this process, or leave at ``settle_due``, see Leasing.outgoing_settles)
+        #: TASK to this process, or leave at ``settle_due``, see DeferredSettles)
         self.settles = []
         self.settle_due = None
 

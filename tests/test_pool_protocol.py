@@ -162,7 +162,7 @@ def test_settled_rides_on_the_next_task_or_comes_alone_soon(peers, raw_worker, a
     token, raw, _ = pool.take_task()
     assert P.decode(raw)["id"] == "first"
     pool.command(P.RESULT, *success_result("first", token, 5))
-    frames = pool.socket.recv_multipart()  # raw order on the wire: the delivery first
+    frames = pool.recv()  # order on the wire: the delivery first
     assert frames[1] == P.TASK and P.decode(frames[3])["id"] == "second"
     second = int(frames[2])
     assert pool.expect(P.SETTLED) == [str(token).encode()]  # right behind it
