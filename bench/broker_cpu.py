@@ -78,7 +78,7 @@ def peers(url, tasks, batch, in_flight):
                     done += (len(frames) - 2) // 2
                 elif frames[1] == P.TASK:
                     out = [P.PROTOCOL, P.RESULT]
-                    body = frames[2:]
+                    body = frames[3:]  # (after the settled tokens)
                     for i in range(0, len(body), 3):
                         token, header, payload = body[i:i + 3]
                         result, value = execute(bench_tasks.app, int(token), P.decode(header), payload)

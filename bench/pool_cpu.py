@@ -25,7 +25,8 @@ from harness import child_env  # noqa: E402  (needs the path above)
 
 
 def fake_broker(url, report_path, tasks):
-    """Runs in the subprocess: WELCOME the pool process, then TASK -> RESULT -> SETTLED, in turn."""
+    """Runs in the subprocess: WELCOME the pool process, then TASK -> RESULT, in turn, each TASK
+    settling the previous result (as the broker's deferred SETTLED does)."""
     import zmq
 
     import bench_tasks
@@ -37,11 +38,12 @@ def fake_broker(url, report_path, tasks):
     router.send_multipart([identity, P.PROTOCOL, P.WELCOME, P.encode({"broker": "fake", "drop": []})])
     messages = [bench_tasks.noop.build_message((), {}) for _ in range(tasks)]
     started = time.perf_counter()
+    settled = b""
     for token, (_, header, payload) in enumerate(messages, 1):
-        router.send_multipart([identity, P.PROTOCOL, P.TASK, str(token).encode(), header, payload])
+        router.send_multipart([identity, P.PROTOCOL, P.TASK, settled, str(token).encode(), header, payload])
         while router.recv_multipart()[2] != P.RESULT:
             pass
-        router.send_multipart([identity, P.PROTOCOL, P.SETTLED, str(token).encode()])
+        settled = str(token).encode()
     with open(report_path, "w") as report:
         report.write(f"{(time.perf_counter() - started) / tasks * 1e6:.0f}")
 

@@ -150,7 +150,7 @@ class Broker:
     def poll_once(self, max_wait=0.25):
         """Wait for messages (or the next timer), handle them all in one transaction, reply."""
         wait = min(max_wait, self._next_timer())
-        messages = receive_ready(self.socket, MAX_BATCH) if wait_readable(self.socket, wait) else []
+        messages = receive_ready(self.socket, MAX_BATCH, True) if wait_readable(self.socket, wait) else []
         if messages and self.commit_delay and len(messages) < MAX_BATCH and self._busy():
             # Group commit: under load, a short wait fills this fsync with the messages that are
             # about to arrive (results of prefetched tasks, concurrent submits). A lone task
@@ -235,13 +235,13 @@ class Broker:
         settles = self.leasing.settles
         settles.add(it.settled, mono)
         # batched messages (TASK deliveries, RESULT pushes) first: they are on someone's critical
-        # path. A process's deferred SETTLED goes right behind its TASK: it is read when that
-        # task is done, with no wake-up of its own and nothing sent ahead of the TASK.
+        # path. A TASK carries its process's deferred SETTLED tokens in its first frame: no
+        # message and no wake-up of their own.
         outgoing = []
         for (identity, command), body in it.batched.items():
+            if command == P.TASK:
+                body = [b",".join(settles.take(identity) or ()), *body]
             outgoing.append((identity, P.message(command, *body)))
-            if command == P.TASK and (settled := settles.take(identity)):
-                outgoing.append((identity, P.message(P.SETTLED, *settled)))
         outgoing += [(identity, P.message(P.SETTLED, *tokens)) for identity, tokens in settles.due(mono)]
         sock = self.socket
         nodes = self.leasing.workers.nodes

@@ -100,7 +100,7 @@ class Connection:
         """Wait up to ``timeout`` seconds for messages and file them. True if any came."""
         if not wait_readable(self.socket, timeout):
             return False
-        for frames in receive_ready(self.socket):
+        for frames in receive_ready(self.socket, waiting=True):
             try:
                 self.client.file_message(self, *P.split(frames))
             except Exception as exc:  # never let one bad message break a waiting caller

@@ -99,8 +99,8 @@ class Slot:
         return f"<Slot {self.key} {len(self.leases)}/{self.capacity}>"
 
 
-#: Seconds a SETTLED may wait to ride along with the next TASK to the same pool process (one
-#: wake-up of that process instead of two per task). A process resends a result that stays
+#: Seconds a SETTLED may wait to ride along in the next TASK to the same pool process (one
+#: message and one wake-up of that process per task instead of two). A process resends a result that stays
 #: unsettled for three heartbeats, far longer.
 SETTLE_DELAY = 0.05
 

@@ -161,7 +161,7 @@ class PoolWorker:
                 self._retire(EXIT_SCALED_DOWN)
         if self.socket is not None:
             if ready.get(self.socket):
-                self._drain()
+                self._drain(waiting=True)
             self._keep_up(time.monotonic())
         return True
 
@@ -180,11 +180,12 @@ class PoolWorker:
             self._send(P.RESULT, header, payload)
             self.unsettled[token] = (header, payload, time.monotonic())
 
-    def _drain(self):
-        for frames in receive_ready(self.socket):
+    def _drain(self, waiting=False):
+        for frames in receive_ready(self.socket, waiting=waiting):
             try:
                 command, body = P.split(frames)
                 if command == P.TASK:
+                    settled, body = body[0], body[1:]
                     tokens = []
                     for token, header, payload in P.pairs(body, 3):
                         token = int(token)
@@ -196,6 +197,9 @@ class PoolWorker:
                         self._release(tokens)
                     self.status[WAITING] = len(self.backlog)
                     self.status[RECEIVED] += len(tokens)
+                    if settled:  # results settled meanwhile: the deferred SETTLED rides along
+                        for token in settled.split(b","):
+                            self.unsettled.pop(int(token), None)
                 elif command == P.REVOKE:
                     self._drop(set(P.int_list(P.decode(body[0]).get("tokens"))))
                 elif command == P.SETTLED:

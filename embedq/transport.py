@@ -42,18 +42,34 @@ def dealer(context, endpoint, identity, linger_ms, high_water_mark=None):
 _POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)
 _get = _BackendSocket.get
+_recv = _BackendSocket.recv
 
 
-def receive_ready(sock, limit=1_000_000):
+def receive(sock):
+    """One multipart message that is known to be waiting (bytes frames).
+
+    pyzmq's ``recv_multipart`` asks ``getsockopt(RCVMORE)`` after every frame, and its
+    ``getsockopt`` builds a ``SocketOption`` enum per call: ~2.7 µs a frame on a 2-core VM.
+    A non-copying receive reads the "more" flag in C (``Frame.more``): ~1 µs a frame.
+    """
+    frame = _recv(sock, NOBLOCK, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, NOBLOCK, False)
+        frames.append(frame.bytes)
+    return frames
+
+
+def receive_ready(sock, limit=1_000_000, waiting=False):
     """Every message already queued on ``sock`` (up to ``limit``), without blocking.
 
     Asks ZMQ_EVENTS before each receive instead of catching ``zmq.Again``: raising and catching
-    that exception costs more than the receive itself.
+    that exception costs more than the receive itself. ``waiting``: the caller's poll has just
+    seen input, so the first message is there without asking (ZMQ_EVENTS costs ~3 µs).
     """
-    messages = []
-    recv = sock.recv_multipart
+    messages = [receive(sock)] if waiting and limit > 0 else []
     while len(messages) < limit and _get(sock, _EVENTS) & _POLLIN:
-        messages.append(recv(NOBLOCK))
+        messages.append(receive(sock))
     return messages
 
 

@@ -61,8 +61,12 @@ class Peer:
             self.command(P.HEARTBEAT, P.encode({"running": self.running}))
             self.last_beat = time.monotonic()
 
-    def recv(self, timeout=REPLY_TIMEOUT, skip=(P.HEARTBEAT,)):
-        """The next message (broker HEARTBEATs skipped); fails fast if the broker process died."""
+    def recv(self, timeout=REPLY_TIMEOUT, skip=(P.HEARTBEAT,), split_settled=True):
+        """The next message (broker HEARTBEATs skipped); fails fast if the broker process died.
+
+        A TASK carrying settled tokens (its first body frame) is returned with that frame
+        emptied and followed by a SETTLED message of those tokens (``split_settled``): tests
+        then see settling the same way whether it rode on a TASK or came alone."""
         if self.stashed:
             return self.stashed.pop(0)
         deadline = time.monotonic() + timeout
@@ -73,6 +77,9 @@ class Peer:
                 frames = self.socket.recv_multipart()
                 if len(frames) >= 2 and frames[1] in skip:
                     continue
+                if split_settled and frames[1:2] == [P.TASK] and len(frames) > 2 and frames[2]:
+                    self.stashed.insert(0, [P.PROTOCOL, P.SETTLED, *frames[2].split(b",")])
+                    frames = [*frames[:2], b"", *frames[3:]]
                 return frames
             code = self.broker.process.poll()
             if code is not None:
@@ -158,10 +165,10 @@ class Peer:
     def take_task(self):
         """The next delivery: (token, header bytes, payload bytes). A TASK message may carry
         several ``(token, header, payload)`` triples; the rest are kept for the next call."""
-        body = self.expect(P.TASK)
-        assert body and len(body) % 3 == 0, body
+        settled, *body = self.expect(P.TASK)
+        assert settled == b"" and body and len(body) % 3 == 0, body
         if len(body) > 3:
-            self.stashed.insert(0, [P.PROTOCOL, P.TASK, *body[3:]])
+            self.stashed.insert(0, [P.PROTOCOL, P.TASK, b"", *body[3:]])
         return int(body[0]), body[1], body[2]
 
     def try_recv(self, timeout):

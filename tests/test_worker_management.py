@@ -229,7 +229,7 @@ def test_revoke_terminates_the_pool_process_running_that_delivery(tmp_path, sign
         first = P.decode(body[0])["pid"]
         header = P.encode({"id": "t1", "task": "testapp.wait_for_file", "queue": "celery"})
         payload, _ = serialize.dumps(((str(tmp_path / "never"),), {}))
-        fake.send(pool_process, P.TASK, b"7", header, payload)
+        fake.send(pool_process, P.TASK, b"", b"7", header, payload)
         wait_until(lambda: P.decode(fake.expect(P.HEARTBEAT)[1][0]).get("running") == [7],
                    message="the node to report delivery 7 running")
         fake.send(fake.node, P.REVOKE, P.encode({"tokens": [8, 7], "signal": signal_name}))
