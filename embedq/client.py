@@ -23,7 +23,7 @@ import zmq  # noqa: F401  (Context.instance)
 from . import protocol as P
 from . import states
 from .errors import BrokerUnavailable, StorageFull, TimeoutError, UnknownTaskError
-from .transport import dealer, receive_ready, send_frames, wait_readable
+from .transport import dealer, receive, send_frames, wait_readable
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,16 @@ class Connection:
         self.used = True
 
     def pump(self, timeout):
-        """Wait up to ``timeout`` seconds for messages and file them. True if any came."""
+        """Wait up to ``timeout`` seconds for a message and file it. True if one came.
+
+        One message per call: the callers loop until theirs is filed, and a poll that finds
+        the next one already queued costs no more than asking the socket whether it is."""
         if not wait_readable(self.socket, timeout):
             return False
-        for frames in receive_ready(self.socket, waiting=True):
-            try:
-                self.client.file_message(self, *P.split(frames))
-            except Exception as exc:  # never let one bad message break a waiting caller
-                log.warning("dropped malformed message from broker: %s", exc)
+        try:
+            self.client.file_message(self, *P.split(receive(self.socket)))
+        except Exception as exc:  # never let one bad message break a waiting caller
+            log.warning("dropped malformed message from broker: %s", exc)
         return True
 
     def request(self, frames, req, timeout):
@@ -283,7 +285,6 @@ class Client:
         found = self.results.pop(task_id)
         conn = self.connection()
         deadline = None if timeout is None else time.monotonic() + timeout
-        wait_frames = P.message(P.WAIT, P.encode({"ids": [task_id]}))
         sent = time.monotonic()
         if found is None and subscribed is not conn:
             # Another thread submitted it: subscribe this socket to every result still owed to
@@ -296,7 +297,8 @@ class Client:
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"task {task_id} did not finish within {timeout}s")
             if now - sent >= self.resend_interval:
-                conn.send(wait_frames)  # the broker may have restarted and forgotten the waiter
+                # the broker may have restarted and forgotten the waiter
+                conn.send(P.message(P.WAIT, P.encode({"ids": [task_id]})))
                 sent = now
             wait = sent + self.resend_interval - now
             conn.pump(wait if deadline is None else min(wait, deadline - now))

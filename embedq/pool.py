@@ -181,6 +181,8 @@ class PoolWorker:
             self.unsettled[token] = (header, payload, time.monotonic())
 
     def _drain(self, waiting=False):
+        """Handle all queued input (a REVOKE must be read before the next task starts);
+        ``waiting``: a poll has just seen the first message."""
         for frames in receive_ready(self.socket, waiting=waiting):
             try:
                 command, body = P.split(frames)
