@@ -64,18 +64,20 @@ class ResultCache:
 
 class _SubmitGroup:
     def __init__(self):
-        self.ready = threading.Condition(threading.Lock())
-        self.queue = []        # _GroupedSubmit entries not sent yet
-        self.sending = 0       # threads sending a SUBMIT and waiting for its ACK
+        self.lock = threading.Lock()
+        self.queue = []        # _GroupedSubmit entries waiting for a SUBMIT to carry them
+        self.sending = 0       # SUBMITs in flight (each sent by one thread, its lead)
 
 
 class _GroupedSubmit:
-    __slots__ = ("conn", "messages", "taken", "done", "outcome")
+    __slots__ = ("conn", "messages", "woken", "batch", "outcome")
 
     def __init__(self, conn, messages):
         self.conn, self.messages = conn, messages
-        self.taken = False   # in a SUBMIT some thread is sending
-        self.done, self.outcome = False, None
+        #: set when this entry's SUBMIT is answered, or when it is to lead the next one
+        self.woken = threading.Event()
+        self.batch = None      # the entries this one leads (itself first), once it leads
+        self.outcome = None    # the ACK (or the exception) of the SUBMIT that carried it
 
 
 class Connection:
@@ -203,34 +205,45 @@ class Client:
             return conn, self._send_submit(conn, [(conn, messages)], timeout, chords)
         entry = _GroupedSubmit(conn, messages)
         group = self.group
-        with group.ready:
-            group.queue.append(entry)
-            while not entry.done and (entry.taken or group.sending >= GROUP_SUBMITS_IN_FLIGHT):
-                group.ready.wait()
-            if not entry.done:  # lead: send everything queued, ours included
+        with group.lock:
+            if group.sending < GROUP_SUBMITS_IN_FLIGHT:
                 group.sending += 1
-                batch, group.queue = group.queue, []
-                for waiting in batch:
-                    waiting.taken = True
-        if not entry.done:
-            try:
-                outcome = self._send_submit(conn, [(e.conn, e.messages) for e in batch], timeout)
-            except Exception as exc:
-                outcome = exc
-                raise
-            except BaseException:  # (KeyboardInterrupt): the others get an error they can handle
-                outcome = BrokerUnavailable("the thread sending this submit was interrupted; "
-                                            "resubmit with the same task_id (it is idempotent)")
-                raise
-            finally:
-                with group.ready:
-                    for waiting in batch:
-                        waiting.done, waiting.outcome = True, outcome
-                    group.sending -= 1
-                    group.ready.notify_all()
+                entry.batch, group.queue = [entry, *group.queue], []
+            else:
+                group.queue.append(entry)
+        if entry.batch is None:
+            entry.woken.wait()  # one wake-up: answered, or handed the lead of what queued
+        if entry.batch is not None:
+            self._lead(conn, entry.batch, timeout)
         if isinstance(entry.outcome, BaseException):
             raise entry.outcome
         return conn, entry.outcome
+
+    def _lead(self, conn, batch, timeout):
+        """Send one SUBMIT for ``batch``; then give its outcome to each entry and the lead of
+        whatever queued meanwhile to the first of those (each waiting thread wakes once)."""
+        outcome = None
+        try:
+            outcome = self._send_submit(conn, [(e.conn, e.messages) for e in batch], timeout)
+        except Exception as exc:
+            outcome = exc
+        except BaseException:  # (KeyboardInterrupt): the others get an error they can handle
+            outcome = BrokerUnavailable("the thread sending this submit was interrupted; "
+                                        "resubmit with the same task_id (it is idempotent)")
+            raise
+        finally:
+            group = self.group
+            with group.lock:
+                following, group.queue = group.queue, []
+                if following:
+                    following[0].batch = following  # the slot in flight passes to it
+                else:
+                    group.sending -= 1
+            for waiting in batch:
+                waiting.outcome = outcome
+                waiting.woken.set()
+            if following:
+                following[0].woken.set()
 
     def _send_submit(self, conn, parts, timeout, chords=None):
         """One SUBMIT on ``conn`` carrying ``parts``: (owner connection, messages) pairs."""
