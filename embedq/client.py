@@ -74,8 +74,9 @@ class _GroupedSubmit:
 
     def __init__(self, conn, messages):
         self.conn, self.messages = conn, messages
-        #: set when this entry's SUBMIT is answered, or when it is to lead the next one
-        self.woken = threading.Event()
+        #: for an entry that queues: set when its SUBMIT is answered, or when it is to lead
+        #: the next one (a thread that leads at once needs none)
+        self.woken = None
         self.batch = None      # the entries this one leads (itself first), once it leads
         self.outcome = None    # the ACK (or the exception) of the SUBMIT that carried it
 
@@ -210,6 +211,7 @@ class Client:
                 group.sending += 1
                 entry.batch, group.queue = [entry, *group.queue], []
             else:
+                entry.woken = threading.Event()
                 group.queue.append(entry)
         if entry.batch is None:
             entry.woken.wait()  # one wake-up: answered, or handed the lead of what queued
@@ -241,7 +243,8 @@ class Client:
                     group.sending -= 1
             for waiting in batch:
                 waiting.outcome = outcome
-                waiting.woken.set()
+                if waiting.woken is not None:
+                    waiting.woken.set()
             if following:
                 following[0].woken.set()
 
