@@ -14,8 +14,8 @@ of either loses nothing. Compilation rules:
 """
 
 import itertools
-import uuid
 
+from . import protocol as P
 from .result import AsyncResult, GroupResult
 
 
@@ -86,7 +86,7 @@ class Signature:
 
     def freeze(self, _id=None):
         """Fix the task id now and return its result handle."""
-        self.options.setdefault("task_id", _id or str(uuid.uuid4()))
+        self.options.setdefault("task_id", _id or P.new_task_id())
         return AsyncResult(self.options["task_id"], _app_of(self, self.app))
 
     def delay(self, *args, **kwargs):

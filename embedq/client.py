@@ -185,7 +185,7 @@ class Client:
             elif info.get("state") == states.UNKNOWN:
                 self.results.put(info["id"], info, b"")
         elif command == P.ACK and body:
-            info = P.decode(body[0])
+            info = P.decode_ack(body[0])
             conn.replies[info.get("req")] = info
         elif command == P.DISCONNECT:
             log.warning("broker refused a message: %s", body[0][:200] if body else b"")

@@ -214,7 +214,7 @@ class Cluster(concurrent.futures.Executor):
         messages, futures, ids = [], [], []
         for fn, args, kwargs in calls:
             payload, codec = serialize.dumps_by_value(((fn, *args), kwargs))
-            task_id = str(uuid.uuid4())
+            task_id = P.new_task_id()
             header = {"id": task_id, "task": CALL_TASK, "queue": queue, "codec": codec,
                       "py": serialize.PYTHON_VERSION, "notify": True,
                       "reply_to": self._listener_identity.decode()}

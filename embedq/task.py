@@ -9,7 +9,6 @@ import json
 import math
 import threading
 import time
-import uuid
 
 from . import protocol as P
 from . import serialize
@@ -182,7 +181,7 @@ class Task:
         payload, codec = serialize.dumps((tuple(args or ()), dict(kwargs or {})))
         if ignore_result is None:
             ignore_result = self.ignore_result
-        task_id = task_id or str(uuid.uuid4())
+        task_id = task_id or P.new_task_id()
         route = self.app.router.route(self.name, args, kwargs, options, self) if not (queue and priority) else {}
         if priority is None:
             priority = self.priority if self.priority is not None else route.get("priority")

@@ -800,3 +800,23 @@ def test_message_over_the_limit_in_several_frames_is_refused(context, small_brok
                                                    "part-2": {"state": states.UNKNOWN}}
     finally:
         peer.close()
+
+
+def test_task_ids_are_random_uuid4_strings():
+    import uuid
+
+    ids = {P.new_task_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for task_id in list(ids)[:200]:
+        parsed = uuid.UUID(task_id)
+        assert str(parsed) == task_id
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_the_plain_ack_is_read_without_json_and_any_other_as_json():
+    assert P.decode_ack(b'{"req":12,"ok":3,"dup":[]}') == {"req": 12, "ok": 3, "dup": []}
+    assert P.decode_ack(b'{"req":1,"ok":0,"dup":["a"]}') == {"req": 1, "ok": 0, "dup": ["a"]}
+    refused = b'{"req":2,"ok":0,"dup":[],"error":"StorageFull","message":"full"}'
+    assert P.decode_ack(refused)["error"] == "StorageFull"
+    with pytest.raises(embedq.errors.ProtocolError):
+        P.decode_ack(b'{"req":')
