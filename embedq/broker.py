@@ -150,7 +150,8 @@ class Broker:
     def poll_once(self, max_wait=0.25):
         """Wait for messages (or the next timer), handle them all in one transaction, reply."""
         wait = min(max_wait, self._next_timer())
-        messages = receive_ready(self.socket, MAX_BATCH, True) if wait_readable(self.socket, wait) else []
+        readable = wait_readable(self.socket, wait)
+        messages = receive_ready(self.socket, MAX_BATCH, waiting=True) if readable else []
         if messages and self.commit_delay and len(messages) < MAX_BATCH and self._busy():
             # Group commit: under load, a short wait fills this fsync with the messages that are
             # about to arrive (results of prefetched tasks, concurrent submits). A lone task

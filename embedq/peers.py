@@ -100,8 +100,8 @@ class Slot:
 
 
 #: Seconds a SETTLED may wait to ride along in the next TASK to the same pool process (one
-#: message and one wake-up of that process per task instead of two). A process resends a result that stays
-#: unsettled for three heartbeats, far longer.
+#: message and one wake-up of that process per task instead of two). A process resends a result
+#: that stays unsettled for three heartbeats, far longer.
 SETTLE_DELAY = 0.05
 
 
