@@ -41,11 +41,13 @@ def _environment():
 
 
 class BrokerProcess:
-    def __init__(self, data_dir, durability="process", bind="tcp://127.0.0.1:0", heartbeat=TEST_HEARTBEAT):
+    def __init__(self, data_dir, durability="process", bind="tcp://127.0.0.1:0", heartbeat=TEST_HEARTBEAT,
+                 extra_args=()):
         self.data_dir = data_dir
         self.durability = durability
         self.heartbeat = heartbeat
         self.bind = bind
+        self.extra_args = list(extra_args)  # more broker options, e.g. ["--max-store-size", "N"]
         self.process = None
         self.url = None
 
@@ -53,7 +55,7 @@ class BrokerProcess:
         bind = self.url or self.bind  # a restart reuses the same port
         self.process, self.url = start_broker_process(
             bind, self.data_dir, durability=self.durability, env=_environment(),
-            extra_args=["--heartbeat", str(self.heartbeat), "--loglevel", "WARNING"])
+            extra_args=["--heartbeat", str(self.heartbeat), "--loglevel", "WARNING", *self.extra_args])
         return self
 
     @property

@@ -19,6 +19,11 @@ def noop():
 
 
 @app.task
+def size_of(data):
+    return len(data)
+
+
+@app.task
 def fail(message="boom"):
     raise ValueError(message)
 
