@@ -241,7 +241,7 @@ class Broker:
         outgoing = []
         for (identity, command), body in it.batched.items():
             if command == P.TASK:
-                body = [b",".join(settles.take(identity) or ()), *body]
+                body = [b",".join(settles.take(identity)), *body]
             outgoing.append((identity, P.message(command, *body)))
         outgoing += [(identity, P.message(P.SETTLED, *tokens)) for identity, tokens in settles.due(mono)]
         sock = self.socket

@@ -39,7 +39,7 @@ from .app import default_app
 from .client import Connection
 from .config import default_concurrency, default_data_dir
 from .pool import CALL_TASK
-from .transport import receive_ready
+from .transport import receive_ready, wait_readable
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class Cluster(concurrent.futures.Executor):
         last_message = time.monotonic()
         try:
             while not self._stopping.is_set():
-                if conn.socket.poll(int(resend * 1000)):
+                if wait_readable(conn.socket, resend):
                     last_message = time.monotonic()
                     self._drain(conn)
                 elif time.monotonic() - last_message >= resend:
@@ -261,7 +261,7 @@ class Cluster(concurrent.futures.Executor):
             conn.socket.close(linger=0)
 
     def _drain(self, conn):
-        for frames in receive_ready(conn.socket):
+        for frames in receive_ready(conn.socket, waiting=True):
             try:
                 command, body = P.split(frames)
                 if command == P.RESULT:

@@ -131,10 +131,10 @@ class DeferredSettles:
             self._update()
 
     def take(self, identity):
-        """The tokens held for the process on ``identity`` (now sent with its TASK), or None."""
+        """The tokens held for the process on ``identity`` (now sent with its TASK), maybe none."""
         slot = self.workers.slots.get(identity)
         if slot is None or not slot.settles:
-            return None
+            return []
         tokens, slot.settles, slot.settle_due = slot.settles, [], None
         self.pending.discard(slot)
         self._update()

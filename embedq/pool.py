@@ -200,13 +200,11 @@ class PoolWorker:
                     self.status[WAITING] = len(self.backlog)
                     self.status[RECEIVED] += len(tokens)
                     if settled:  # results settled meanwhile: the deferred SETTLED rides along
-                        for token in settled.split(b","):
-                            self.unsettled.pop(int(token), None)
+                        self._settled(settled.split(b","))
                 elif command == P.REVOKE:
                     self._drop(set(P.int_list(P.decode(body[0]).get("tokens"))))
                 elif command == P.SETTLED:
-                    for token in body:
-                        self.unsettled.pop(int(token), None)
+                    self._settled(body)
                 elif command == P.WELCOME:
                     drop = set(P.decode(body[0]).get("drop", ()))
                     for token in drop:
@@ -215,6 +213,11 @@ class PoolWorker:
                     pass  # our node is not registered (yet/any more); it will tell us to re-join
             except Exception:  # malformed input from the broker: drop it, carry on
                 continue
+
+    def _settled(self, tokens):
+        """The broker stored these results (SETTLED, alone or inside a TASK): stop resending."""
+        for token in tokens:
+            self.unsettled.pop(int(token), None)
 
     # -- retiring ------------------------------------------------------------------------------
     def _on_drain_signal(self, signum, frame):

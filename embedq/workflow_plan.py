@@ -153,6 +153,5 @@ class Plan:
         for tail in previous.tails:
             tail[1].setdefault(kind, []).extend(m[0] for m in following.roots)
         if kind == "links":
-            known = previous.result._children if isinstance(previous.result, AsyncResult) else None
             if isinstance(previous.result, AsyncResult):
-                previous.result.children = [*(known or []), following.result]
+                previous.result.children = [*(previous.result._children or []), following.result]
