@@ -20,6 +20,7 @@ requests, nodes resend unsettled results, leases without a live holder are reque
 
 import logging
 import os
+import signal
 import time
 import uuid
 from collections import defaultdict
@@ -52,8 +53,6 @@ COMMIT_SIBLINGS = 4
 CLEANUP_INTERVAL = 1.0
 #: Seconds between checks of the store's size (growth, the StorageFull threshold).
 SPACE_CHECK_INTERVAL = 0.05
-#: Fraction of ``broker_max_store_size`` above which submits are refused with StorageFull.
-FULL_THRESHOLD = 0.9
 #: Socket send/receive high-water marks (messages); credit keeps worker traffic far below.
 HIGH_WATER_MARK = 100_000
 #: Milliseconds a closing socket may linger to flush replies.
@@ -109,10 +108,13 @@ class Broker:
         self.workflow = self.settlement.workflow = Workflow(self.settlement, self._track)
         self.next_cleanup = 0.0
         self.next_space_check = 0.0
+        #: False, or why submits are refused (the StorageFull message clients get)
         self.refuse_submits = False
+        #: that message while the disk refuses commits (see _write_failed), else None
+        self.write_failure = None
         self.next_due = None
         self.beat = Beat(self.store, enabled=beat)  # periodic entries; fires inside _work
-        requests = ClientRequests(self.store, self.settlement, self.workflow, self._track)
+        requests = ClientRequests(self.settlement, self.workflow, self._track)
         self._client_handlers = {P.SUBMIT: requests.submit, P.WAIT: requests.wait,
                                  P.STATUS: requests.status, P.FORGET: requests.forget,
                                  P.CONTROL: self._on_control, P.BEAT: self.beat.handle}
@@ -180,7 +182,7 @@ class Broker:
         if mono >= self.next_space_check:  # page counting is too slow for every iteration
             self.next_space_check = mono + SPACE_CHECK_INTERVAL
             self.store.grow_to_fit()
-            self.refuse_submits = self._nearly_full()
+            self.refuse_submits = self.store.refusal()
         refuse_submits = self.refuse_submits
         # memory an aborted attempt changed is put back before a retry
         next_due, next_expiry = self.next_due, self.next_expiry
@@ -192,21 +194,28 @@ class Broker:
                 self._work(batch, it, messages, refuse_submits)
                 batch.commit()
                 break
-            except lmdb.MapFullError:
+            except lmdb.MapFullError:  # (also at commit, when LMDB's free list needs pages)
                 batch.abort()
                 if not self.store.grow():
                     log.error("store is at broker_max_store_size; refusing submits")
-                    refuse_submits = self.refuse_submits = True
+                    refuse_submits = self.refuse_submits = self.store.cap_reached()
             except _PoisonMessage as poison:  # a bug met by odd input: drop that message, not us
                 batch.abort()
                 log.error("dropped a message that made the broker fail (%s); replying DISCONNECT",
                           poison.__cause__, exc_info=poison.__cause__)
                 bad = messages.pop(poison.index)
                 self._send_now(bad[0], P.DISCONNECT, P.encode({"reason": "internal error"}))
+            except lmdb.Error as exc:  # the disk refused the writes: full, a size limit, I/O error
+                batch.abort()
+                if refuse_submits and refuse_submits == self.write_failure:
+                    # submits were refused already: nothing else can be stored either
+                    return self._refuse_and_drop(messages, refuse_submits)
+                refuse_submits = self.refuse_submits = self._write_failed(exc)
         else:
-            log.error("could not commit this iteration (store full); %d messages dropped, "
-                      "their senders will resend", len(messages))
-            return
+            return self._refuse_and_drop(messages, refuse_submits or "the store is full")
+        if self.write_failure is not None and batch.dirty and refuse_submits != self.write_failure:
+            self.write_failure = None
+            log.warning("the store in %s takes writes again", self.store.path)
         for callback in it.after_commit:
             callback()
         self._flush(it)
@@ -266,6 +275,29 @@ class Broker:
         except zmq.ZMQError:
             pass
 
+    def _write_failed(self, exc):
+        """The StorageFull message for a commit the disk refused (logged once until it passes)."""
+        if self.write_failure is None:
+            log.error("cannot write the store in %s (%s): refusing submits; free disk space "
+                      "there (or raise the file size limit)", self.store.path, exc)
+        self.write_failure = (f"broker store {self.store.path!r} cannot be written ({exc}): "
+                              "free disk space there")
+        return self.write_failure
+
+    def _refuse_and_drop(self, messages, reason):
+        """Nothing of this iteration could be stored. Its senders resend, except submitters, who
+        are told at once (StorageFull) rather than left to resend into a store that is full."""
+        log.error("could not commit this iteration (%s); %d messages dropped, their senders "
+                  "will resend", reason, len(messages))
+        for frames in messages:
+            if len(frames) > 3 and frames[2] == P.SUBMIT:
+                try:
+                    req = P.decode(frames[3]).get("req")
+                except ProtocolError:
+                    continue
+                self._send_now(frames[0], P.ACK, P.encode({"req": req, "ok": 0, "dup": [],
+                                                           "error": "StorageFull", "message": reason}))
+
     # -- message handling --------------------------------------------------------------------
     def _handle(self, batch, it, frames, now, mono, refuse_submits):
         identity = frames[0]
@@ -315,20 +347,6 @@ class Broker:
                 return True
         return False
 
-    def _nearly_full(self):
-        """Is the store close to its cap? Cheap high-water check first; page counts only if high."""
-        env = self.store.env
-        psize = env.stat()["psize"]
-        limit = self.store.max_size * FULL_THRESHOLD
-        if (env.info()["last_pgno"] + 1) * psize <= limit:
-            return False
-        with env.begin() as txn:  # pages actually in use (freed pages are reused by LMDB)
-            pages = 0
-            for db in self.store.db.values():
-                stat = txn.stat(db)
-                pages += stat["leaf_pages"] + stat["branch_pages"] + stat["overflow_pages"]
-        return pages * psize > limit
-
 
 def run(data_dir, bind, *, durability="fsync", ready_fd=None, parent_pid=None, **options):
     """Serve until SIGTERM/SIGINT (or the parent dies, when started by ``embedq.start``)."""
@@ -336,6 +354,9 @@ def run(data_dir, bind, *, durability="fsync", ready_fd=None, parent_pid=None, *
 
     if parent_gone(parent_pid):  # it died before we got here
         return
+    # A write past a file size limit (ulimit -f) then fails with EFBIG, which the loop handles
+    # like a full disk, instead of killing the broker.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     stop = StopFlag()
     broker = Broker(data_dir, bind, durability=durability, **options)
     if ready_fd is not None:

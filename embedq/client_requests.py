@@ -10,8 +10,7 @@ from .errors import ProtocolError
 
 
 class ClientRequests:
-    def __init__(self, store, settlement, workflow, track):
-        self.store = store
+    def __init__(self, settlement, workflow, track):
         self.waiters = settlement.waiters   # task id -> client identities owed its result
         self.workflow = workflow
         #: called with the TaskHeader of every task queued now (the loop watches eta/expires)
@@ -24,10 +23,8 @@ class ClientRequests:
         tasks = [(P.TaskHeader.parse(h), h, p) for h, p in P.pairs(body[1:])]
         owners = _owners(control, len(tasks))
         reply = {"req": control.get("req"), "ok": 0, "dup": []}
-        if refuse_submits:
-            reply.update(error="StorageFull", message=(
-                f"broker store {self.store.path!r} is at its size cap "
-                f"({self.store.max_size >> 20} MiB): let results expire or raise broker_max_store_size"))
+        if refuse_submits:  # (the reason, for the client's StorageFull)
+            reply.update(error="StorageFull", message=refuse_submits)
         else:
             if "chords" in control:
                 self.workflow.accept(batch, control)

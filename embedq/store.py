@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: First map size; it doubles on demand up to the configured cap.
 INITIAL_MAP_SIZE = 64 << 20
+#: Fraction of ``broker_max_store_size`` above which submits are refused with StorageFull.
+FULL_THRESHOLD = 0.9
 #: Grow the map before a transaction when more than this fraction of it is in use.
 GROW_THRESHOLD = 0.6
 #: Layout version in ``meta``; a directory written with another layout is refused.
@@ -125,6 +127,24 @@ class Store:
             return False
         self.env.set_mapsize(min(size * 2, self.max_size))
         return True
+
+    def refusal(self):
+        """The StorageFull message if the store is close to its cap, else False. Cheap
+        high-water check first; page counts only if high."""
+        psize = self.env.stat()["psize"]
+        limit = self.max_size * FULL_THRESHOLD
+        if (self.env.info()["last_pgno"] + 1) * psize <= limit:
+            return False
+        with self.env.begin() as txn:  # pages actually in use (freed pages are reused by LMDB)
+            pages = 0
+            for db in self.db.values():
+                stat = txn.stat(db)
+                pages += stat["leaf_pages"] + stat["branch_pages"] + stat["overflow_pages"]
+        return self.cap_reached() if pages * psize > limit else False
+
+    def cap_reached(self):
+        return (f"broker store {self.path!r} is at its size cap ({self.max_size >> 20} MiB): let "
+                "results expire or raise broker_max_store_size")
 
     def begin(self):
         return Batch(self)

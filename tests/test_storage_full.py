@@ -1,5 +1,7 @@
 """A full store: submits are refused at once with StorageFull, and nothing accepted is lost."""
 
+import os
+import resource
 import threading
 
 import pytest
@@ -83,3 +85,38 @@ def test_a_full_store_refuses_submits_at_once_and_loses_nothing(small_broker):
         wait_until(lambda: accepts(testapp.size_of), timeout=10, message="submits to be accepted again")
     finally:
         worker.stop()
+
+
+def test_a_disk_that_refuses_writes_gets_storage_full_and_the_broker_carries_on(tmp_path):
+    """A full disk, played by a file size limit on the broker process (RLIMIT_FSIZE: its LMDB
+    writes past the limit fail, as on a full disk): submits get StorageFull at once, the broker
+    keeps serving, and once the disk takes writes again everything accepted runs."""
+    import testapp
+
+    data = tmp_path / "data"
+    broker = BrokerProcess(str(data)).start()
+    testapp.app.conf.broker_url = broker.url
+    testapp.app.conf.broker_resend_interval = 0.3
+    worker = None
+    try:
+        accepted = [testapp.size_of.delay("small") for _ in range(3)]
+        room = os.path.getsize(data / "data.mdb") + (1 << 20)  # a few big tasks more, not dozens
+        resource.prlimit(broker.pid, resource.RLIMIT_FSIZE, (room, resource.RLIM_INFINITY))
+        with pytest.raises(embedq.StorageFull) as refused:
+            for _ in range(64):
+                accepted.append(testapp.size_of.delay(BIG))
+        assert "cannot be written" in str(refused.value) and "free disk space" in str(refused.value)
+        assert len(accepted) < 3 + 64
+        assert testapp.size_of.AsyncResult(accepted[0].id).state == states.PENDING  # still serving
+        assert broker.process.poll() is None
+        resource.prlimit(broker.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        wait_until(lambda: accepts(testapp.size_of), timeout=10, message="submits to be accepted again")
+        worker = WorkerProcess(broker.url, concurrency=2)
+        sizes = [result.get(timeout=60) for result in accepted]
+        assert sizes == [len("small")] * 3 + [len(BIG)] * (len(accepted) - 3)
+    finally:
+        if worker is not None:
+            worker.stop()
+        testapp.app.close()
+        testapp.app.conf.broker_url = None
+        broker.stop()
