@@ -106,7 +106,7 @@ def test_a_disk_that_refuses_writes_gets_storage_full_and_the_broker_carries_on(
             for _ in range(64):
                 accepted.append(testapp.size_of.delay(BIG))
         assert "cannot be written" in str(refused.value) and "free disk space" in str(refused.value)
-        assert len(accepted) < 3 + 64
+        assert len(accepted) > 3  # the limit stopped growth, not every write
         assert testapp.size_of.AsyncResult(accepted[0].id).state == states.PENDING  # still serving
         assert broker.process.poll() is None
         resource.prlimit(broker.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))

@@ -736,6 +736,65 @@ def test_map_full_retry_does_not_lose_due_tasks(tmp_path, monkeypatch):
         context.destroy(linger=0)
 
 
+
+def test_an_iteration_the_disk_refuses_answers_submitters_and_drops_the_rest(tmp_path, monkeypatch):
+    """Every commit fails (a full disk): a SUBMIT is answered with StorageFull even when the
+    iteration also holds other writes (a FORGET); those are dropped for their senders to resend,
+    and nothing of either is stored. Once commits succeed, the resent FORGET works."""
+    import zmq
+
+    from embedq.broker import Broker
+
+    context = zmq.Context()
+    broker = Broker(str(tmp_path / "data"), "tcp://127.0.0.1:0", durability="process",
+                    heartbeat=0.2, clock=lambda: NOW, context=context)
+    client = context.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(broker.endpoint)
+
+    def reply():
+        while not client.poll(0):
+            broker.poll_once(max_wait=0.05)
+        return client.recv_multipart()
+
+    try:
+        batch = broker.store.begin()
+        batch.settle("done", P.encode({"id": "done", "state": "SUCCESS"}), b"", None)
+        batch.commit()
+        real_commit = store_module.Batch.commit
+        failed = []
+
+        def disk_full(batch):
+            if batch.dirty:
+                failed.append(1)
+                raise lmdb.Error("mdb_txn_commit: Input/output error")
+            return real_commit(batch)
+
+        monkeypatch.setattr(store_module.Batch, "commit", disk_full)
+        _, raw = make_header("new")
+        client.send_multipart([P.PROTOCOL, P.FORGET, P.encode({"req": 1, "ids": ["done"]})])
+        client.send_multipart([P.PROTOCOL, P.SUBMIT, P.encode({"req": 2}), raw, b"payload"])
+        while len(failed) < 2:  # both messages in one iteration: it fails, then fails without the submit
+            broker.poll_once(max_wait=0.05)
+        answer = P.decode(reply()[2])
+        assert answer["req"] == 2 and answer["error"] == "StorageFull"
+        assert "cannot be written" in answer["message"] and "free disk space" in answer["message"]
+        assert not client.poll(100)  # the FORGET was dropped: no ACK, its sender resends
+        with broker.store.env.begin() as txn:
+            assert txn.get(b"new", db=broker.store.db["tasks"]) is None
+            assert txn.get(b"done", db=broker.store.db["results"]) is not None
+
+        monkeypatch.setattr(store_module.Batch, "commit", real_commit)
+        client.send_multipart([P.PROTOCOL, P.FORGET, P.encode({"req": 3, "ids": ["done"]})])
+        assert P.decode(reply()[2]) == {"req": 3, "ok": 1}
+        with broker.store.env.begin() as txn:
+            assert txn.get(b"done", db=broker.store.db["results"]) is None
+        assert broker.write_failure is None  # a commit with writes went through
+    finally:
+        client.close(linger=0)
+        broker.close()
+        context.destroy(linger=0)
+
 def test_a_data_dir_of_another_layout_is_refused_with_the_fix(tmp_path):
     from embedq.errors import ConfigurationError
 
