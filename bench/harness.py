@@ -61,6 +61,46 @@ def measure_latency(benchmark, one_trip, *, system, durability="-", label=None, 
     return times
 
 
+#: Blocks the interleaved latency case alternates between embedq and the baseline.
+INTERLEAVED_BLOCKS = 20
+
+
+def measure_latency_interleaved(benchmark, one_trip, baseline_trip, *, durability, label, trips=None):
+    """Round trips of ``one_trip`` and of ``baseline_trip`` (PPE) in alternating blocks.
+
+    The VM's speed drifts by up to 2x within minutes, so two latency cases measured a minute
+    apart can disagree on the ratio by 40%. Alternating blocks of 1/20 of the trips each puts
+    both systems under the same conditions; the ratio of their p50s is the latency target's.
+    """
+    trips = trips or N_TRIPS
+    block = max(1, trips // INTERLEAVED_BLOCKS)
+    ours, theirs = [], []
+    perf = time.perf_counter
+
+    def blocks():
+        for trip, times in ((one_trip, ours), (baseline_trip, theirs)):
+            for _ in range(block):
+                t0 = perf()
+                trip()
+                times.append(perf() - t0)
+
+    for _ in range(min(100, block)):  # warm both paths up
+        one_trip()
+        baseline_trip()
+    benchmark.pedantic(blocks, rounds=INTERLEAVED_BLOCKS, iterations=1)
+    ours.sort()
+    theirs.sort()
+    benchmark.extra_info.update({
+        "kind": "latency_interleaved", "system": "embedq", "durability": durability, "label": label,
+        "trips": len(ours),
+        "p50_us": round(percentile(ours, 0.50) * 1e6, 1),
+        "p99_us": round(percentile(ours, 0.99) * 1e6, 1),
+        "baseline_p50_us": round(percentile(theirs, 0.50) * 1e6, 1),
+        "baseline_p99_us": round(percentile(theirs, 0.99) * 1e6, 1),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    })
+
+
 def measure_throughput(benchmark, run, *, system, label, durability="-", tasks=None):
     """Time ``run(tasks)`` (submit ``tasks`` no-ops and wait for all of them) end to end.
 

@@ -5,7 +5,9 @@ Every figure is measured in the same run, on the same machine, against two basel
 Nothing here asserts a speed: the targets are ratios read off ``bench/report.py``'s table.
 
 Latency: ``noop.delay().get()`` one at a time (the client waits for each result before the next
-submit); the baselines' ``submit(f).result()`` / ``apply_async(f).get()``.
+submit); the baselines' ``submit(f).result()`` / ``apply_async(f).get()``. Each case runs on its
+own; the target's ratio comes from one more case that alternates blocks of ``delay().get()`` and
+PPE's ``submit(f).result()``, so that both meet the same VM conditions.
 
 Throughput (each: submit N no-ops, then wait for all of them):
 
@@ -27,7 +29,8 @@ import threading
 import pytest
 
 import bench_tasks
-from harness import EMBEDQ, N_THREADS, POOL, PPE, ZMQ_FLOOR, measure_latency, measure_throughput
+from harness import (EMBEDQ, N_THREADS, POOL, PPE, ZMQ_FLOOR, measure_latency, measure_latency_interleaved,
+                     measure_throughput)
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
 
@@ -53,6 +56,14 @@ def test_latency_embedq_delay(benchmark, embedq_cluster):
     measure_latency(benchmark, lambda: noop.delay().get(timeout=60), system=EMBEDQ,
                     durability=embedq_cluster.durability,
                     label=f"embedq noop.delay().get() [{embedq_cluster.durability}]")
+
+
+def test_latency_embedq_delay_interleaved_with_ppe(benchmark, embedq_cluster, ppe):
+    """The latency target's ratio: ``delay().get()`` and PPE in alternating blocks."""
+    measure_latency_interleaved(benchmark, lambda: noop.delay().get(timeout=60),
+                                lambda: ppe.submit(noop_fn).result(),
+                                durability=embedq_cluster.durability,
+                                label=f"embedq noop.delay().get() [{embedq_cluster.durability}]")
 
 
 def test_latency_embedq_executor(benchmark, embedq_cluster):
