@@ -60,18 +60,26 @@ def install():
             return messages
         module.receive_ready = receive_ready
 
-    def traced_send(module, prefix, command_index):
+    def traced_send(module, prefix):
         original = module.send_frames
 
         def send_frames(sock, frames, flags=module.send_frames.__defaults__[0]):
             original(sock, frames, flags)
-            mark(prefix + bytes(frames[command_index]))
+            mark(prefix + bytes(frames[1]))  # [EQ1, COMMAND, ...]
         module.send_frames = send_frames
 
+    def traced_send_to(module, prefix):
+        original = module.send_to
+
+        def send_to(sock, identity, frames, flags=module.send_to.__defaults__[0]):
+            original(sock, identity, frames, flags)
+            mark(prefix + bytes(frames[1]))
+        module.send_to = send_to
+
     traced_receive(broker, b"broker: woken with a message")
-    traced_send(broker, b"broker: sent ", 2)      # [identity, EQ1, COMMAND, ...]
+    traced_send_to(broker, b"broker: sent ")
     traced_receive(pool, b"pool: woken with a message")
-    traced_send(pool, b"pool: sent ", 1)          # [EQ1, COMMAND, ...]
+    traced_send(pool, b"pool: sent ")
     commit = store.Batch.commit
 
     def traced_commit(batch):

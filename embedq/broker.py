@@ -39,7 +39,7 @@ from .ratelimit import RateLimiter
 from .settlement import DEFAULT_MAX_REDELIVERIES, Settlement
 from .store import Store
 from .workflow import Workflow
-from .transport import receive_ready, send_frames, wait_readable
+from .transport import receive_ready, send_to, wait_readable
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +164,15 @@ class Broker:
 
     def _next_timer(self):
         mono = self.monotonic()
-        timers = [self.leasing.next_deadline(mono), self.next_cleanup - mono]
+        wait = min(self.leasing.next_deadline(mono), self.next_cleanup - mono)
         if self.leasing.settles.next_due is not None:
-            timers.append(self.leasing.settles.next_due - mono)
+            wait = min(wait, self.leasing.settles.next_due - mono)
         now = self.clock()
-        if self.next_due is not None:
-            timers.append(self.next_due - now)
-        if self.next_expiry is not None:
-            timers.append(self.next_expiry - now)
+        for due in (self.next_due, self.next_expiry):
+            if due is not None:
+                wait = min(wait, due - now)
         beat_due = self.beat.seconds_until_due(now)
-        if beat_due is not None:
-            timers.append(beat_due)
-        return max(0.0, min(timers))
+        return max(0.0, wait if beat_due is None else min(wait, beat_due))
 
     def _iterate(self, messages):
         mono = self.monotonic()
@@ -243,7 +240,8 @@ class Broker:
     def _flush(self, it):
         mono = self.monotonic()
         settles = self.leasing.settles
-        settles.add(it.settled, mono)
+        if it.settled:
+            settles.add(it.settled, mono)
         # batched messages (TASK deliveries, RESULT pushes) first: they are on someone's critical
         # path. A TASK carries its process's deferred SETTLED tokens in its first frame: no
         # message and no wake-up of their own.
@@ -255,9 +253,10 @@ class Broker:
         outgoing += [(identity, P.message(P.SETTLED, *tokens)) for identity, tokens in settles.due(mono)]
         sock = self.socket
         nodes = self.leasing.workers.nodes
-        for identity, frames in outgoing + it.sends:
+        outgoing += it.sends
+        for identity, frames in outgoing:
             try:
-                send_frames(sock, [identity, *frames])
+                send_to(sock, identity, frames)
             except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or not keeping up
                 if not self.leasing.unreachable(identity, exc):
                     log.debug("dropped a reply to a departed client: %s", exc)
@@ -271,7 +270,7 @@ class Broker:
 
     def _send_now(self, identity, command, *body):
         try:
-            send_frames(self.socket, [identity, *P.message(command, *body)])
+            send_to(self.socket, identity, P.message(command, *body))
         except zmq.ZMQError:
             pass
 

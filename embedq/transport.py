@@ -20,9 +20,15 @@ RECONNECT_IVL_MAX_MS = 1000
 def send_frames(sock, frames, flags=NOBLOCK):
     """Send a multipart message (a list of bytes). Raises zmq.ZMQError like send_multipart."""
     more = flags | _SNDMORE
-    last = len(frames) - 1
-    for index, frame in enumerate(frames):
-        _send(sock, frame, more if index < last else flags)
+    for frame in frames[:-1]:
+        _send(sock, frame, more)
+    _send(sock, frames[-1], flags)
+
+
+def send_to(sock, identity, frames, flags=NOBLOCK):
+    """``send_frames`` from a ROUTER: the peer's routing id goes first (no list built for it)."""
+    _send(sock, identity, flags | _SNDMORE)
+    send_frames(sock, frames, flags)
 
 
 def dealer(context, endpoint, identity, linger_ms, high_water_mark=None):
