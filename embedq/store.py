@@ -22,7 +22,8 @@ Named databases and their keys (integers are big-endian so byte order is numeric
 One write transaction per broker loop iteration (group commit). ``fsync`` durability opens LMDB
 with ``sync=True`` (a committed transaction survives power loss); ``process`` with ``sync=False``
 (it survives any process crash; the OS flushes later). Never ``writemap=True``: a full disk would
-kill the broker with SIGBUS instead of raising ``lmdb.DiskError``. LMDB does not stop two
+kill the broker with SIGBUS instead of failing the commit with ``lmdb.Error``, which the broker
+turns into StorageFull for submitters (see ``Broker._iterate``). LMDB does not stop two
 processes from opening one directory, so the broker holds an exclusive ``flock`` on ``broker.lock``.
 """
 
