@@ -63,7 +63,7 @@ def effective(header, task, defaults):
     """(soft, hard) seconds for one delivery, None where there is no limit."""
     def pick(field, default):
         for value in (header.get(field), getattr(task, field, None), default):
-            if (seconds := _seconds(value)) is not None:
+            if value is not None and (seconds := _seconds(value)) is not None:
                 return seconds
         return None
 

@@ -143,11 +143,12 @@ class PoolWorker:
 
     def _poll(self, wait):
         """Handle control and socket input for up to ``wait`` seconds; False to exit."""
-        items = [(self.control.fileno(), zmq.POLLIN)]
+        control = self.control.fileno()
+        items = [(control, zmq.POLLIN)]
         if self.socket is not None:
             items.append((self.socket, zmq.POLLIN))
         ready = dict(zmq.zmq_poll(items, int(wait * 1000)))
-        if ready.get(self.control.fileno()):
+        if ready.get(control):
             try:
                 command = self.control.recv_bytes()
             except (EOFError, OSError):
