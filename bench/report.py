@@ -36,61 +36,70 @@ def _load(row):
     return "-" if value is None else f"{value:.1f}"
 
 
+def _table(rows, kind, header, cells):
+    """(markdown lines, the rows of ``kind``): a header, then ``cells(row)`` for each row."""
+    rows = [r for r in rows if r["kind"] == kind]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    return lines, rows
+
+
+def _base(rows, system):
+    return next((r for r in rows if r["system"] == system), None)
+
+
+def _ratio(value, base, digits=2):
+    return f"{value / base:.{digits}f}x" if base else "-"
+
+
 def latency_table(rows):
-    rows = [r for r in rows if r["kind"] == "latency"]
-    base = next((r for r in rows if r["system"] == PPE), None)
-    lines = ["| Round trip of one no-op task | p50 (µs) | p99 (µs) | mean (µs) | p50 vs PPE | p99 vs PPE | load |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio50 = f"{r['p50_us'] / base['p50_us']:.2f}x" if base else "-"
-        ratio99 = f"{r['p99_us'] / base['p99_us']:.2f}x" if base else "-"
-        lines.append(f"| {r['label']} | {_fmt(r['p50_us'])} | {_fmt(r['p99_us'])} | "
-                     f"{_fmt(r['mean_us'])} | {ratio50} | {ratio99} | {_load(r)} |")
-    return lines, rows, base
+    base = _base([r for r in rows if r["kind"] == "latency"], PPE) or {}
+    lines, rows = _table(
+        rows, "latency",
+        ["Round trip of one no-op task", "p50 (µs)", "p99 (µs)", "mean (µs)", "p50 vs PPE", "p99 vs PPE", "load"],
+        lambda r: [r["label"], _fmt(r["p50_us"]), _fmt(r["p99_us"]), _fmt(r["mean_us"]),
+                   _ratio(r["p50_us"], base.get("p50_us")), _ratio(r["p99_us"], base.get("p99_us")), _load(r)])
+    return lines, rows, base or None
 
 
 def interleaved_table(rows):
-    rows = [r for r in rows if r["kind"] == "latency_interleaved"]
-    lines = ["| Round trip, in alternating blocks with PPE | trips each | p50 (µs) | PPE p50 (µs) | p50 vs PPE | p99 (µs) | PPE p99 (µs) | load |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {_fmt(r['trips'])} | {_fmt(r['p50_us'])} | {_fmt(r['baseline_p50_us'])} | "
-                     f"{r['p50_us'] / r['baseline_p50_us']:.2f}x | {_fmt(r['p99_us'])} | "
-                     f"{_fmt(r['baseline_p99_us'])} | {_load(r)} |")
+    lines, rows = _table(
+        rows, "latency_interleaved",
+        ["Round trip, in alternating blocks with PPE", "trips each", "p50 (µs)", "PPE p50 (µs)", "p50 vs PPE",
+         "p99 (µs)", "PPE p99 (µs)", "load"],
+        lambda r: [r["label"], _fmt(r["trips"]), _fmt(r["p50_us"]), _fmt(r["baseline_p50_us"]),
+                   _ratio(r["p50_us"], r["baseline_p50_us"]), _fmt(r["p99_us"]), _fmt(r["baseline_p99_us"]),
+                   _load(r)])
     return (lines if rows else []), rows
 
 
 def throughput_table(rows):
-    rows = [r for r in rows if r["kind"] == "throughput"]
-    base = next((r for r in rows if r["system"] == PPE), None)
-    lines = ["| Throughput, no-op tasks | tasks | rounds | tasks/s (median) | tasks/s (best) | vs PPE (median) | load |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{r['tasks_per_s'] / base['tasks_per_s']:.2f}x" if base else "-"
-        lines.append(f"| {r['label']} | {_fmt(r['tasks'])} | {r['rounds']} | {_fmt(r['tasks_per_s'])} | "
-                     f"{_fmt(r['best_tasks_per_s'])} | {ratio} | {_load(r)} |")
-    return lines, rows, base
+    base = _base([r for r in rows if r["kind"] == "throughput"], PPE) or {}
+    lines, rows = _table(
+        rows, "throughput",
+        ["Throughput, no-op tasks", "tasks", "rounds", "tasks/s (median)", "tasks/s (best)", "vs PPE (median)",
+         "load"],
+        lambda r: [r["label"], _fmt(r["tasks"]), str(r["rounds"]), _fmt(r["tasks_per_s"]),
+                   _fmt(r["best_tasks_per_s"]), _ratio(r["tasks_per_s"], base.get("tasks_per_s")), _load(r)])
+    return lines, rows, base or None
 
 
 def lateness_table(rows):
-    rows = [r for r in rows if r["kind"] == "lateness"]
-    lines = ["| Scheduled tasks: start after due time | tasks | p50 (ms) | p99 (ms) | max (ms) | load |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {_fmt(r['tasks'])} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['max_ms']:.2f} | {_load(r)} |")
+    lines, rows = _table(
+        rows, "lateness",
+        ["Scheduled tasks: start after due time", "tasks", "p50 (ms)", "p99 (ms)", "max (ms)", "load"],
+        lambda r: [r["label"], _fmt(r["tasks"]), f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['max_ms']:.2f}",
+                   _load(r)])
     return lines if rows else []
 
 
 def fanout_table(rows):
-    rows = [r for r in rows if r["kind"] == "fanout"]
-    base = next((r for r in rows if r["system"] == "multiprocessing.Pool(2)"), None)
-    lines = ["| Fan-out | tasks | seconds (median of 3) | tasks/s | vs Pool.map | load |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{r['seconds'] / base['seconds']:.1f}x" if base else "-"
-        lines.append(f"| {r['label']} | {_fmt(r['tasks'])} | {r['seconds']:.3f} | {_fmt(r['tasks_per_s'])} | "
-                     f"{ratio} | {_load(r)} |")
+    base = _base([r for r in rows if r["kind"] == "fanout"], "multiprocessing.Pool(2)") or {}
+    lines, rows = _table(
+        rows, "fanout",
+        ["Fan-out", "tasks", "seconds (median of 3)", "tasks/s", "vs Pool.map", "load"],
+        lambda r: [r["label"], _fmt(r["tasks"]), f"{r['seconds']:.3f}", _fmt(r["tasks_per_s"]),
+                   _ratio(r["seconds"], base.get("seconds"), 1), _load(r)])
     return lines if rows else []
 
 

@@ -294,8 +294,7 @@ class Broker:
                     req = P.decode(frames[3]).get("req")
                 except ProtocolError:
                     continue
-                self._send_now(frames[0], P.ACK, P.encode({"req": req, "ok": 0, "dup": [],
-                                                           "error": "StorageFull", "message": reason}))
+                self._send_now(frames[0], P.ACK, P.encode(P.storage_full_ack(req, reason)))
 
     # -- message handling --------------------------------------------------------------------
     def _handle(self, batch, it, frames, now, mono, refuse_submits):

@@ -24,7 +24,7 @@ class ClientRequests:
         owners = _owners(control, len(tasks))
         reply = {"req": control.get("req"), "ok": 0, "dup": []}
         if refuse_submits:  # (the reason, for the client's StorageFull)
-            reply.update(error="StorageFull", message=refuse_submits)
+            reply = P.storage_full_ack(reply["req"], refuse_submits)
         else:
             if "chords" in control:
                 self.workflow.accept(batch, control)

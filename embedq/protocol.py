@@ -109,6 +109,12 @@ def decode_ack(frame):
     return decode(frame)
 
 
+def storage_full_ack(req, reason):
+    """The ACK of a SUBMIT the broker refuses because its store cannot take it (``reason`` is
+    the message of the client's StorageFull); nothing of that SUBMIT was stored."""
+    return {"req": req, "ok": 0, "dup": [], "error": "StorageFull", "message": reason}
+
+
 def message(command, *body):
     return [PROTOCOL, command, *body]
 
