@@ -164,7 +164,7 @@ class Broker:
 
     def _next_timer(self):
         mono = self.monotonic()
-        wait = min(self.leasing.next_deadline(mono), self.next_cleanup - mono)
+        wait = min(self.leasing.next_liveness, self.next_cleanup) - mono
         if self.leasing.settles.next_due is not None:
             wait = min(wait, self.leasing.settles.next_due - mono)
         now = self.clock()
@@ -226,7 +226,9 @@ class Broker:
                 raise
             except Exception as exc:
                 raise _PoisonMessage(index) from exc
-        self.leasing.evict_silent(batch, it, mono)
+        leasing = self.leasing
+        if mono >= leasing.next_liveness or leasing.unreachable_slots:
+            leasing.evict_silent(batch, it, mono)
         if self.next_expiry is not None and self.next_expiry <= now:
             self._expire_waiting(batch, it, now)
         if self.next_due is not None and self.next_due <= now:
@@ -264,9 +266,12 @@ class Broker:
             node = nodes.get(identity)
             if node is not None:  # anything we send a node doubles as our heartbeat
                 node.last_sent = mono
-        for node in self.leasing.heartbeat_due(mono):
-            self._send_now(node.identity, P.HEARTBEAT)
-            node.last_sent = mono
+        leasing = self.leasing
+        if mono >= leasing.next_liveness:
+            for node in leasing.heartbeat_due(mono):
+                self._send_now(node.identity, P.HEARTBEAT)
+                node.last_sent = mono
+            leasing.schedule_liveness(mono)
 
     def _send_now(self, identity, command, *body):
         try:

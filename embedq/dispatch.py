@@ -34,6 +34,8 @@ class Dispatcher:
             share = max(1, sum(counts[q] + delta[q] for q in queues) // len(slots))
             still_hungry = []
             for slot in slots:
+                if not any(map(ready, slot.queues)):  # the slots before it took what was left
+                    continue
                 credit = slot.credit + it.credit[slot]
                 tasks = self._take(batch, slot, min(credit, share), now)
                 if not tasks:

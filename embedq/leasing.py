@@ -44,6 +44,9 @@ class Leasing:
         self.orphans = {lease.task_id: lease for lease in store.leases()}
         self.orphan_deadline = monotonic() + self.orphan_grace
         self.unreachable_slots = set()
+        #: monotonic time of the next liveness pass: evictions and heartbeats owed. Peers' last
+        #: seen/sent times only grow, so nothing falls due before it (an unreachable node resets it)
+        self.next_liveness = 0.0
         self.handlers = {P.READY: self._on_ready, P.JOIN: self._on_join, P.HEARTBEAT: self._on_heartbeat,
                          P.RESULT: self._on_result, P.LOST: self._on_lost_report,
                          P.RELEASE: self._on_release, P.DISCONNECT: self._on_disconnect,
@@ -301,6 +304,7 @@ class Leasing:
         if node is not None:
             log.warning("cannot reach worker node %s (%s): evicting", node.node_id, error)
             node.last_seen = float("-inf")
+            self.next_liveness = 0.0
             return True
         slot = self.workers.slot(identity)
         if slot is not None:
@@ -313,11 +317,13 @@ class Leasing:
     def heartbeat_due(self, mono):
         return self.workers.heartbeat_due(mono)
 
-    def next_deadline(self, mono):
+    def schedule_liveness(self, mono):
+        """After a liveness pass (and its heartbeats): the next is due when a node is first
+        owed a heartbeat or may have been silent too long, or when orphaned leases expire."""
         deadline = self.workers.next_deadline(mono)
         if self.orphans:
             deadline = min(deadline, max(0.0, self.orphan_deadline - mono))
-        return deadline
+        self.next_liveness = mono + deadline
 
 
 def _tokens(value):

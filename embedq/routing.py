@@ -53,6 +53,8 @@ class Router:
         elif isinstance(routes, dict) or callable(routes) or isinstance(routes, str):
             routes = (routes,)
         self.routers = [self._prepare(route) for route in routes]
+        #: routes depend on the task name only (no router functions, which see the arguments)
+        self.static = all(isinstance(router, MapRoute) for router in self.routers)
 
     @staticmethod
     def _prepare(route):

@@ -31,7 +31,7 @@ import fcntl
 import logging
 import os
 import struct
-from collections import Counter
+from collections import Counter, defaultdict
 
 import lmdb
 
@@ -186,7 +186,7 @@ class Batch(OutcomeRecords, WorkflowRecords):
         self.db = store.db
         self.txn = store.env.begin(write=True)
         self.seq = store.seq
-        self.ready_delta = Counter()
+        self.ready_delta = defaultdict(int)  # queue -> ready tasks added - taken
         #: whether anything was written; an idle iteration then costs no commit (and no fsync)
         self.dirty = False
 

@@ -55,6 +55,8 @@ class Task:
     #: Hard limit, seconds of run time: the pool process is killed and the task fails with
     #: TimeLimitExceeded. None: the worker's default (``--time-limit``, ``task_time_limit``).
     time_limit = None
+    #: (settings, header JSON after the id) of the last call without options (_plain_message)
+    _header_cache = None
     #: Soft limit, seconds: SoftTimeLimitExceeded is raised inside the task. None: the worker's
     #: default (``--soft-time-limit``, ``task_soft_time_limit``).
     soft_time_limit = None
@@ -161,10 +163,35 @@ class Task:
             queue=queue, priority=priority, ignore_result=ignore_result, **options)
         return self.app.send_messages([message])[0]
 
-    def build_message(self, *args, **options):
+    def build_message(self, args=None, kwargs=None, task_id=None, **options):
         """(task id, header JSON, payload) for one call, with Celery's option names and meanings."""
-        task_id, header, payload = self.build_header(*args, **options)
+        if self.expires is None and not any(value is not None for value in options.values()):
+            return self._plain_message(args, kwargs, task_id)
+        task_id, header, payload = self.build_header(args, kwargs, task_id, **options)
         return task_id, P.encode(header), payload
+
+    def _plain_message(self, args, kwargs, task_id):
+        """``build_message`` of a call without per-call options (``delay``). Its header, but for
+        the id, is the same for every such call while the task's settings are: that JSON is
+        cached, keyed on everything ``build_header`` makes it from (a router function, which may
+        look at the arguments, is asked every time)."""
+        payload, codec = serialize.dumps((tuple(args or ()), dict(kwargs or {})))
+        app = self.app
+        router, conf = app.router, app.conf
+        key = (codec, router, conf.task_default_queue, conf.task_default_priority, self.name,
+               self.queue, self.priority, self.ignore_result, self.time_limit,
+               self.soft_time_limit, self.rate_limit, self.acks_late, self.reject_on_worker_lost)
+        cached = self._header_cache
+        if cached is not None and cached[0] == key:
+            rest = cached[1]
+        else:
+            _, header, _ = self.build_header(args, kwargs, "-")  # (validates the settings too)
+            del header["id"]
+            rest = P.encode(header)[1:]  # b'"task":...}'
+            if router.static:
+                self._header_cache = (key, rest)
+        task_id = task_id or P.new_task_id()
+        return task_id, b'{"id":%s,%s' % (P.encode(task_id), rest), payload
 
     def build_header(self, args=None, kwargs=None, task_id=None, *, countdown=None, eta=None,
                      expires=None, queue=None, priority=None, ignore_result=None, time_limit=None,
