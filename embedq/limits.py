@@ -61,13 +61,19 @@ def _seconds(value):
 
 def effective(header, task, defaults):
     """(soft, hard) seconds for one delivery, None where there is no limit."""
-    def pick(field, default):
-        for value in (header.get(field), getattr(task, field, None), default):
-            if value is not None and (seconds := _seconds(value)) is not None:
-                return seconds
-        return None
+    return (_first_limit(header.get("soft_time_limit"), getattr(task, "soft_time_limit", None),
+                         defaults.soft_time_limit),
+            _first_limit(header.get("time_limit"), getattr(task, "time_limit", None), defaults.time_limit))
 
-    return pick("soft_time_limit", defaults.soft_time_limit), pick("time_limit", defaults.time_limit)
+
+def _first_limit(per_call, per_task, default):
+    """The first usable limit in order of precedence (most tasks have none at all)."""
+    if per_call is None and per_task is None and default is None:
+        return None
+    for value in (per_call, per_task, default):
+        if value is not None and (seconds := _seconds(value)) is not None:
+            return seconds
+    return None
 
 
 class SoftLimit:
