@@ -254,7 +254,7 @@ class Client:
         control = {"req": req}
         if chords:
             control["chords"] = chords
-        if any(owner is not conn for owner, _ in parts):
+        if len(parts) > 1 and any(owner is not conn for owner, _ in parts):
             control["owners"] = [owner.identity.decode() if owner is not conn else None
                                  for owner, messages in parts for _ in messages]
         frames = [P.PROTOCOL, P.SUBMIT, P.encode(control) if len(control) > 1 else b'{"req":%d}' % req]

@@ -80,13 +80,20 @@ _ENVIRONMENT = {
 
 
 class Settings:
-    """Attribute and mapping access to settings: ``conf.result_expires``, ``conf["timezone"]``."""
+    """Attribute and mapping access to settings: ``conf.result_expires``, ``conf["timezone"]``.
+
+    The values live in the instance's ``__dict__``, so ``conf.name`` is a plain attribute read
+    (several happen in every ``delay()``) rather than a failed lookup that falls back to
+    ``__getattr__``."""
 
     def __init__(self, **overrides):
         # mutable defaults (beat_schedule) are copied: apps must not share one dict
-        object.__setattr__(self, "_values", {k: v.copy() if isinstance(v, dict) else v
-                                             for k, v in DEFAULTS.items()})
+        self.__dict__.update({k: v.copy() if isinstance(v, dict) else v for k, v in DEFAULTS.items()})
         self.update(overrides)
+
+    @property
+    def _values(self):
+        return self.__dict__
 
     @classmethod
     def from_environment(cls, environ=None, **overrides):
@@ -99,11 +106,8 @@ class Settings:
         for key, value in {**(mapping or {}), **kwargs}.items():
             self[key] = value
 
-    def __getattr__(self, name):
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(f"no setting named {name!r}") from None
+    def __getattr__(self, name):  # only for names that are not set
+        raise AttributeError(f"no setting named {name!r}")
 
     def __setattr__(self, name, value):
         self[name] = value
@@ -114,6 +118,8 @@ class Settings:
     def __setitem__(self, name, value):
         if name == "broker_durability" and value not in DURABILITY_MODES:
             raise ValueError(f"broker_durability must be one of {DURABILITY_MODES}, not {value!r}")
+        if hasattr(Settings, name):  # it would hide a method of this class
+            raise ValueError(f"{name!r} cannot be a setting name (it is a method of Settings)")
         self._values[name] = value
 
     def get(self, name, default=None):

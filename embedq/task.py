@@ -97,12 +97,16 @@ class Task:
     @property
     def request(self):
         stack = getattr(self._local, "stack", None)
-        return stack[-1] if stack else Request()
+        if not stack:
+            return Request()
+        if type(stack[-1]) is tuple:  # built on first use: most tasks never look
+            stack[-1] = Request(*stack[-1])
+        return stack[-1]
 
     def run_with_request(self, header, args, kwargs, report=None):
         """Used by pool processes: run with ``self.request`` describing this delivery."""
         stack = self._local.__dict__.setdefault("stack", [])
-        stack.append(Request(header, args, kwargs, report))
+        stack.append((header, args, kwargs, report))  # a Request once asked for (see request)
         try:
             return self.run(*args, **kwargs)
         except Retry:
@@ -158,20 +162,22 @@ class Task:
             return self.signature(args, kwargs, task_id=task_id, countdown=countdown, eta=eta,
                                   expires=expires, queue=queue, priority=priority,
                                   ignore_result=ignore_result, **options).apply_async()
-        message = self.build_message(
-            args, kwargs, task_id=task_id, countdown=countdown, eta=eta, expires=expires,
-            queue=queue, priority=priority, ignore_result=ignore_result, **options)
+        if (countdown is None and eta is None and expires is None and queue is None and priority is None
+                and ignore_result is None and not options and self.expires is None):
+            message = self._plain_message(args, kwargs, task_id)  # delay()
+        else:
+            message = self.build_message(
+                args, kwargs, task_id=task_id, countdown=countdown, eta=eta, expires=expires,
+                queue=queue, priority=priority, ignore_result=ignore_result, **options)
         return self.app.send_messages([message])[0]
 
-    def build_message(self, args=None, kwargs=None, task_id=None, **options):
+    def build_message(self, *args, **options):
         """(task id, header JSON, payload) for one call, with Celery's option names and meanings."""
-        if self.expires is None and not any(value is not None for value in options.values()):
-            return self._plain_message(args, kwargs, task_id)
-        task_id, header, payload = self.build_header(args, kwargs, task_id, **options)
+        task_id, header, payload = self.build_header(*args, **options)
         return task_id, P.encode(header), payload
 
     def _plain_message(self, args, kwargs, task_id):
-        """``build_message`` of a call without per-call options (``delay``). Its header, but for
+        """``build_message`` of a call without options (``delay``). Its header, but for
         the id, is the same for every such call while the task's settings are: that JSON is
         cached, keyed on everything ``build_header`` makes it from (a router function, which may
         look at the arguments, is asked every time)."""
