@@ -135,6 +135,8 @@ def pairs(body, width=2):
 
 def check_name(value, field):
     """A name the store can use as (part of) a key: valid UTF-8, no NUL, 1..255 bytes."""
+    if type(value) is str and value.isascii() and 0 < len(value) <= MAX_NAME_LENGTH and "\0" not in value:
+        return value  # the usual case, decided without encoding
     try:
         size = len(value.encode()) if isinstance(value, str) else 0
     except UnicodeEncodeError:  # a lone surrogate from JSON's \ud800

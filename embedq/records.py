@@ -50,12 +50,15 @@ class OutcomeRecords:
         """Store a final result and drop the task and everything about it, in this transaction."""
         self.dirty = True
         key = task_id.encode()
-        for name in ("tasks", "leases", "progress", "revoked"):
-            self.txn.delete(key, db=self.db[name])
+        txn, db = self.txn, self.db
+        txn.delete(key, db=db["tasks"])
+        txn.delete(key, db=db["leases"])
+        txn.delete(key, db=db["progress"])
+        txn.delete(key, db=db["revoked"])
         expires = _U64.pack(us(expires_at) if expires_at is not None else 0)
-        self.txn.put(key, expires + join_record(raw_header, payload), db=self.db["results"])
+        txn.put(key, expires + join_record(raw_header, payload), db=db["results"])
         if expires_at is not None:
-            self.txn.put(expires + key, b"", db=self.db["expiry"])
+            txn.put(expires + key, b"", db=db["expiry"])
 
     def result(self, task_id):
         value = self.txn.get(task_id.encode(), db=self.db["results"])
