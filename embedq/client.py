@@ -74,8 +74,9 @@ class _GroupedSubmit:
 
     def __init__(self, conn, messages):
         self.conn, self.messages = conn, messages
-        #: for an entry that queues: set when its SUBMIT is answered, or when it is to lead
-        #: the next one (a thread that leads at once needs none)
+        #: for an entry that queues: a held lock, released when its SUBMIT is answered or when
+        #: it is to lead the next one (a thread that leads at once needs none). A bare lock, not
+        #: an Event: Event and Condition are Python code, paid on every delay() of a thread
         self.woken = None
         self.batch = None      # the entries this one leads (itself first), once it leads
         self.outcome = None    # the ACK (or the exception) of the SUBMIT that carried it
@@ -211,10 +212,11 @@ class Client:
                 group.sending += 1
                 entry.batch, group.queue = [entry, *group.queue], []
             else:
-                entry.woken = threading.Event()
+                entry.woken = threading.Lock()
+                entry.woken.acquire()
                 group.queue.append(entry)
         if entry.batch is None:
-            entry.woken.wait()  # one wake-up: answered, or handed the lead of what queued
+            entry.woken.acquire()  # one wake-up: answered, or handed the lead of what queued
         if entry.batch is not None:
             self._lead(conn, entry.batch, timeout)
         if isinstance(entry.outcome, BaseException):
@@ -243,10 +245,10 @@ class Client:
                     group.sending -= 1
             for waiting in batch:
                 waiting.outcome = outcome
-                if waiting.woken is not None:
-                    waiting.woken.set()
+            for waiting in batch[1:]:  # (the first is this thread)
+                waiting.woken.release()
             if following:
-                following[0].woken.set()
+                following[0].woken.release()
 
     def _send_submit(self, conn, parts, timeout, chords=None):
         """One SUBMIT on ``conn`` carrying ``parts``: (owner connection, messages) pairs."""

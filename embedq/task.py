@@ -196,7 +196,9 @@ class Task:
             rest = P.encode(header)[1:]  # b'"task":...}'
             if router.static:
                 self._header_cache = (key, rest)
-        task_id = task_id or P.new_task_id()
+        if not task_id:  # (a fresh id needs no JSON escaping)
+            task_id = P.new_task_id()
+            return task_id, b'{"id":"%s",%s' % (task_id.encode(), rest), payload
         return task_id, b'{"id":%s,%s' % (P.encode(task_id), rest), payload
 
     def build_header(self, args=None, kwargs=None, task_id=None, *, countdown=None, eta=None,
