@@ -72,7 +72,9 @@ class Iteration:
 
     def __init__(self):
         self.sends = []                                  # (identity, frames)
-        self.batched = defaultdict(list)                 # (identity, command) -> body frames
+        #: (identity, command) -> body frames: TASKs to pool processes, RESULT/STATE to clients
+        #: (never to a node: only ``sends`` count as a heartbeat to one)
+        self.batched = defaultdict(list)
         self.after_commit = []                           # callables
         #: slot -> credit change this iteration: + leases settled or requeued, - tasks delivered
         #: (slot.leases itself changes only after the commit)
@@ -164,13 +166,15 @@ class Broker:
 
     def _next_timer(self):
         mono = self.monotonic()
-        wait = min(self.leasing.next_liveness, self.next_cleanup) - mono
-        if self.leasing.settles.next_due is not None:
-            wait = min(wait, self.leasing.settles.next_due - mono)
+        leasing = self.leasing
+        wait = min(leasing.next_liveness, self.next_cleanup) - mono
+        if leasing.settles.next_due is not None:
+            wait = min(wait, leasing.settles.next_due - mono)
         now = self.clock()
-        for due in (self.next_due, self.next_expiry):
-            if due is not None:
-                wait = min(wait, due - now)
+        if self.next_due is not None:
+            wait = min(wait, self.next_due - now)
+        if self.next_expiry is not None:
+            wait = min(wait, self.next_expiry - now)
         beat_due = self.beat.seconds_until_due(now)
         return max(0.0, wait if beat_due is None else min(wait, beat_due))
 
@@ -241,37 +245,39 @@ class Broker:
 
     def _flush(self, it):
         mono = self.monotonic()
-        settles = self.leasing.settles
+        leasing = self.leasing
+        settles = leasing.settles
         if it.settled:
             settles.add(it.settled, mono)
         # batched messages (TASK deliveries, RESULT pushes) first: they are on someone's critical
         # path. A TASK carries its process's deferred SETTLED tokens in its first frame: no
         # message and no wake-up of their own.
-        outgoing = []
         for (identity, command), body in it.batched.items():
             if command == P.TASK:
                 body = [b",".join(settles.take(identity)), *body]
-            outgoing.append((identity, P.message(command, *body)))
-        outgoing += [(identity, P.message(P.SETTLED, *tokens)) for identity, tokens in settles.due(mono)]
-        sock = self.socket
-        nodes = self.leasing.workers.nodes
-        outgoing += it.sends
-        for identity, frames in outgoing:
-            try:
-                send_to(sock, identity, frames)
-            except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or not keeping up
-                if not self.leasing.unreachable(identity, exc):
-                    log.debug("dropped a reply to a departed client: %s", exc)
-                continue
-            node = nodes.get(identity)
-            if node is not None:  # anything we send a node doubles as our heartbeat
-                node.last_sent = mono
-        leasing = self.leasing
+            self._send(identity, P.message(command, *body))
+        if settles.pending:
+            for identity, tokens in settles.due(mono):
+                self._send(identity, P.message(P.SETTLED, *tokens))
+        nodes = leasing.workers.nodes
+        for identity, frames in it.sends:
+            if self._send(identity, frames) and identity in nodes:
+                nodes[identity].last_sent = mono  # anything we send a node doubles as our heartbeat
         if mono >= leasing.next_liveness:
             for node in leasing.heartbeat_due(mono):
                 self._send_now(node.identity, P.HEARTBEAT)
                 node.last_sent = mono
             leasing.schedule_liveness(mono)
+
+    def _send(self, identity, frames):
+        """A reply after the commit. False if the peer is gone (its leases are then requeued)."""
+        try:
+            send_to(self.socket, identity, frames)
+            return True
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or not keeping up
+            if not self.leasing.unreachable(identity, exc):
+                log.debug("dropped a reply to a departed client: %s", exc)
+            return False
 
     def _send_now(self, identity, command, *body):
         try:

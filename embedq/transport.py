@@ -46,8 +46,7 @@ def dealer(context, endpoint, identity, linger_ms, high_water_mark=None):
 
 
 _POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
-_get = _BackendSocket.get
+_poll = zmq.zmq_poll
 _recv = _BackendSocket.recv
 
 
@@ -69,16 +68,18 @@ def receive(sock):
 def receive_ready(sock, limit=1_000_000, waiting=False):
     """Every message already queued on ``sock`` (up to ``limit``), without blocking.
 
-    Asks ZMQ_EVENTS before each receive instead of catching ``zmq.Again``: raising and catching
-    that exception costs more than the receive itself. ``waiting``: the caller's poll has just
-    seen input, so the first message is there without asking (ZMQ_EVENTS costs ~3 µs).
+    Polls with no timeout before each receive instead of catching ``zmq.Again``: raising and
+    catching that exception costs more than the receive itself, and ``getsockopt(ZMQ_EVENTS)``
+    builds a Python enum per call (3.0 against 2.5 µs). ``waiting``: the caller's poll has just
+    seen input, so the first message is there without asking.
     """
     messages = [receive(sock)] if waiting and limit > 0 else []
-    while len(messages) < limit and _get(sock, _EVENTS) & _POLLIN:
+    poll_items = [(sock, _POLLIN)]
+    while len(messages) < limit and _poll(poll_items, 0):
         messages.append(receive(sock))
     return messages
 
 
 def wait_readable(sock, timeout):
     """Block up to ``timeout`` seconds for input on one socket (no Poller object per call)."""
-    return bool(zmq.zmq_poll([(sock, _POLLIN)], max(0, int(timeout * 1000))))
+    return bool(_poll([(sock, _POLLIN)], max(0, int(timeout * 1000))))
