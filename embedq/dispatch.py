@@ -53,9 +53,10 @@ class Dispatcher:
                 if credit > len(tasks) and any(ready(q) for q in slot.queues):
                     still_hungry.append(slot)
             slots = still_hungry
-        for slot in self.workers.slots.values():  # work is left: whoever is full is credit-bound
-            if slot.credit + it.credit[slot] <= 0 and any(ready(q) for q in slot.queues):
-                slot.limited = True
+        if sum(counts.values()) + sum(delta.values()) > 0:  # work is left: whoever is full is credit-bound
+            for slot in self.workers.slots.values():
+                if slot.credit + it.credit[slot] <= 0 and any(ready(q) for q in slot.queues):
+                    slot.limited = True
 
     def _take(self, batch, slot, limit, now):
         """Up to ``limit`` of the best ready tasks for ``slot`` that their rate limits let start."""
