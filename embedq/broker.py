@@ -255,13 +255,13 @@ class Broker:
         for (identity, command), body in it.batched.items():
             if command == P.TASK:
                 body = [b",".join(settles.take(identity)), *body]
-            self._send(identity, P.message(command, *body))
+            self._reply(identity, P.message(command, *body))
         if settles.pending:
             for identity, tokens in settles.due(mono):
-                self._send(identity, P.message(P.SETTLED, *tokens))
+                self._reply(identity, P.message(P.SETTLED, *tokens))
         nodes = leasing.workers.nodes
         for identity, frames in it.sends:
-            if self._send(identity, frames) and identity in nodes:
+            if self._reply(identity, frames) and identity in nodes:
                 nodes[identity].last_sent = mono  # anything we send a node doubles as our heartbeat
         if mono >= leasing.next_liveness:
             for node in leasing.heartbeat_due(mono):
@@ -269,7 +269,7 @@ class Broker:
                 node.last_sent = mono
             leasing.schedule_liveness(mono)
 
-    def _send(self, identity, frames):
+    def _reply(self, identity, frames):
         """A reply after the commit. False if the peer is gone (its leases are then requeued)."""
         try:
             send_to(self.socket, identity, frames)

@@ -180,7 +180,8 @@ class Task:
         """``build_message`` of a call without options (``delay``). Its header, but for
         the id, is the same for every such call while the task's settings are: that JSON is
         cached, keyed on everything ``build_header`` makes it from (a router function, which may
-        look at the arguments, is asked every time)."""
+        look at the arguments, is asked every time; like the router, the cache sees a replaced
+        ``task_routes``, not one edited in place)."""
         payload, codec = serialize.dumps((tuple(args or ()), dict(kwargs or {})))
         app = self.app
         router, conf = app.router, app.conf
