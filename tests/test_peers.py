@@ -314,3 +314,46 @@ def test_window_widens_for_a_credit_bound_process_with_short_tasks_and_snaps_bac
     slot.leases.update({1: "a", 2: "b"})
     slot.observe(LONG_TASK * 2)
     assert slot.window == 4 and slot.credit == 2
+
+
+# -- the broker's liveness pass ------------------------------------------------------------------
+def test_broker_runs_its_liveness_pass_exactly_when_one_can_be_due(tmp_path):
+    """The broker looks for silent nodes and owed heartbeats only at the earliest moment one can
+    be due (a node's last seen/sent times only grow), and sleeps until then, not past it."""
+    import zmq
+
+    from embedq import protocol as P
+    from embedq.broker import Broker
+
+    mono = [100.0]
+    context = zmq.Context()
+    broker = Broker(str(tmp_path / "data"), "tcp://127.0.0.1:0", durability="process",
+                    heartbeat=HEARTBEAT, liveness=LIVENESS, monotonic=lambda: mono[0], context=context)
+    node = context.socket(zmq.DEALER)
+    node.setsockopt(zmq.LINGER, 0)
+    node.connect(broker.endpoint)
+
+    def received():
+        broker.poll_once(max_wait=0)
+        return [node.recv_multipart()[1] for _ in range(10) if node.poll(50)]
+
+    try:
+        node.send_multipart([P.PROTOCOL, P.READY, P.encode({"node": "n1", "queues": ["celery"], "running": []})])
+        while not node.poll(0):
+            broker.poll_once(max_wait=0.05)
+        assert node.recv_multipart()[1] == P.WELCOME
+        assert broker._next_timer() == pytest.approx(HEARTBEAT)  # until the heartbeat it owes
+        mono[0] += HEARTBEAT * 0.9
+        assert received() == []
+        mono[0] += HEARTBEAT * 0.1
+        assert received() == [P.HEARTBEAT]
+        assert broker._next_timer() == pytest.approx(HEARTBEAT)
+        mono[0] += TIMEOUT - HEARTBEAT  # silent for exactly the liveness timeout: not yet
+        assert received() == [P.HEARTBEAT] and len(broker.leasing.workers) == 1
+        mono[0] += 0.01
+        assert received() == []  # evicted before any heartbeat is owed to it
+        assert len(broker.leasing.workers) == 0, "the silent node was not evicted"
+    finally:
+        node.close(linger=0)
+        broker.close()
+        context.destroy(linger=0)

@@ -820,3 +820,16 @@ def test_the_plain_ack_is_read_without_json_and_any_other_as_json():
     assert P.decode_ack(refused)["error"] == "StorageFull"
     with pytest.raises(embedq.errors.ProtocolError):
         P.decode_ack(b'{"req":')
+
+
+def test_decode_accepts_what_json_accepts_and_nothing_else():
+    """``decode`` takes the C scanner's shortcut only for a bare object; anything else gets the
+    full decoder's answer."""
+    assert P.decode(b'{"a":[1,{"b":null}]}') == {"a": [1, {"b": None}]}
+    assert P.decode(b' \n{"a": 1}\t ') == {"a": 1}
+    assert P.decode('{"é":"ü"}'.encode()) == {"é": "ü"}
+    for bad, reason in [(b'{"a":1}x', "not JSON"), (b'{"a":1}{}', "not JSON"), (b"", "not JSON"),
+                        (b'{"a":', "not JSON"), (b"\xff{}", "not JSON"), (b"[1]", "JSON object"),
+                        (b'"text"', "JSON object"), (b"[" * 100_000, "not JSON")]:
+        with pytest.raises(embedq.errors.ProtocolError, match=reason):
+            P.decode(bad)

@@ -63,3 +63,45 @@ def test_router_unit():
     assert router.route("nothing", (), {}, {}) == {}
     with pytest.raises(TypeError):
         Router([42])
+
+
+def test_delay_header_cache_follows_every_setting_it_is_made_of():
+    """delay() reuses its header's JSON; each setting it is made of must still take effect."""
+    import testapp
+    from embedq import protocol as P
+
+    task, conf = testapp.where, testapp.app.conf
+
+    def header():
+        _, raw, _ = task._plain_message((), {}, None)
+        plain = P.decode(raw)
+        _, built, _ = task.build_message((), {}, task_id=plain["id"])
+        assert raw == built  # the cached path writes exactly what build_message writes
+        return plain
+
+    assert header()["queue"] == "celery"
+    first, second = header()["id"], header()["id"]
+    assert first != second  # one header template, a fresh id per call
+    changes = [("queue", lambda: setattr(task, "queue", "q-attr"), lambda h: h["queue"] == "q-attr"),
+               ("priority", lambda: setattr(task, "priority", 7), lambda h: h["priority"] == 7),
+               ("time_limit", lambda: setattr(task, "time_limit", 3), lambda h: h["time_limit"] == 3),
+               ("ignore_result", lambda: setattr(task, "ignore_result", True), lambda h: h["notify"] is False)]
+    try:
+        for name, change, check in changes:
+            change()
+            assert check(header()), name
+        del task.queue
+        conf.task_routes = {"testapp.where": "q-route"}
+        assert header()["queue"] == "q-route"
+        conf.task_routes = [lambda name, args, kwargs, options, task=None: f"q-{len(args)}"]
+        _, raw, _ = task._plain_message((1, 2), {}, None)
+        assert P.decode(raw)["queue"] == "q-2"  # a router function sees every call's arguments
+        conf.task_routes = None
+        conf.task_default_queue = "q-default"
+        assert header()["queue"] == "q-default"
+    finally:
+        for name in ("queue", "priority", "time_limit", "ignore_result"):
+            task.__dict__.pop(name, None)
+        conf.task_routes = None
+        conf.task_default_queue = "celery"
+    assert header()["queue"] == "celery"
