@@ -22,6 +22,16 @@ pytest_plugins = ["raw_peers"]
 TEST_HEARTBEAT = 0.2
 
 
+def pytest_collection_modifyitems(config, items):
+    """Soak runs are opt-in: they run only when ``-m`` names them (``-m soak``)."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="a soak run: opt in with -m soak")
+    for item in items:
+        if item.get_closest_marker("soak"):
+            item.add_marker(skip)
+
+
 def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
     """Poll ``predicate`` until true or fail after ``timeout`` seconds (no bare sleeps)."""
     deadline = time.monotonic() + timeout
