@@ -102,6 +102,8 @@ class PoolWorker:
         self.broker_url = broker_url
         self.context = zmq.Context()
         self.socket = None
+        #: what ``_poll`` waits on: the control pipe, then the socket once joined
+        self.poll_items = [(control.fileno(), zmq.POLLIN)]
         self.backlog = collections.deque()   # (token, header, payload) received, not yet run
         self.unsettled = {}                   # token -> (result header, payload, sent at)
         self.seen = 0                         # highest delivery token received
@@ -143,11 +145,8 @@ class PoolWorker:
 
     def _poll(self, wait):
         """Handle control and socket input for up to ``wait`` seconds; False to exit."""
-        control = self.control.fileno()
-        items = [(control, zmq.POLLIN)]
-        if self.socket is not None:
-            items.append((self.socket, zmq.POLLIN))
-        ready = dict(zmq.zmq_poll(items, int(wait * 1000)))
+        control = self.poll_items[0][0]
+        ready = dict(zmq.zmq_poll(self.poll_items, int(wait * 1000)))
         if ready.get(control):
             try:
                 command = self.control.recv_bytes()
@@ -173,6 +172,7 @@ class PoolWorker:
             self.status[WAITING] = 0
         identity = f"p:{self.node_id}/{self.index}/{uuid.uuid4().hex[:6]}".encode()
         self.socket = dealer(self.context, self.broker_url, identity, LINGER_MS)
+        self.poll_items[1:] = [(self.socket, zmq.POLLIN)]
         self._send(P.JOIN, P.encode({"node": self.node_id, "index": self.index, "capacity": self.capacity,
                                      "held": sorted(self.unsettled), "pid": os.getpid()}))
         if self.retiring is not None:
