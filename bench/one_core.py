@@ -10,6 +10,11 @@ old figure.
 
     python bench/one_core.py [--trips 700] [--rounds 4] [--cpu 0] [--durability process]
 
+To compare another tree (A/B), put it first on ``PYTHONPATH`` and run from a directory that has
+no ``embedq/``: the broker starts as ``python -m embedq.broker``, which looks in the current
+directory first. E.g. ``cd /tmp && PYTHONPATH=/path/to/other/tree python /repo/bench/one_core.py``,
+alternating with the same command without ``PYTHONPATH``.
+
 Prints, for embedq ``delay().get()``, the ZeroMQ floor and ProcessPoolExecutor(2), the best and
 median p50 of the rounds, and embedq's CPU per round trip by process and thread (from
 /proc/<pid>/task/*/stat; the "I/O" thread is libzmq's).
