@@ -1,8 +1,8 @@
 """Python line events per round trip in each process: a cost count the VM's speed does not move.
 
 On this VM a timing drifts by up to 40% between consecutive runs; the number of Python lines a
-round trip executes (``sys.settrace`` line events) does not, and in situ a line costs about
-0.5-0.7 µs of CPU. So this is the metric for small hot-path changes; confirm the sum with
+round trip executes (``sys.settrace`` line events) does not. In situ, a process's CPU per round
+trip divided by its line events comes to 0.5-0.7 µs (the C calls those lines make included). So this is the metric for small hot-path changes; confirm the sum with
 ``one_core.py`` in interleaved runs.
 
     python bench/line_events.py [--trips 300] [--top 25]
