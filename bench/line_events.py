@@ -122,7 +122,6 @@ def client_events(trips):
 
     events = LineEvents()
     workdir = tempfile.mkdtemp(prefix="embedq-lines-")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [BENCH_DIR, os.environ.get("PYTHONPATH")]))
     try:
         with embedq.start(bench_tasks.app, workers=2, data_dir=os.path.join(workdir, "data")):
             for _ in range(200):

@@ -230,9 +230,8 @@ class Broker:
                 raise
             except Exception as exc:
                 raise _PoisonMessage(index) from exc
-        leasing = self.leasing
-        if mono >= leasing.next_liveness or leasing.unreachable_slots:
-            leasing.evict_silent(batch, it, mono)
+        if mono >= self.leasing.next_liveness:
+            self.leasing.evict_silent(batch, it, mono)
         if self.next_expiry is not None and self.next_expiry <= now:
             self._expire_waiting(batch, it, now)
         if self.next_due is not None and self.next_due <= now:

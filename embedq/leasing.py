@@ -45,7 +45,7 @@ class Leasing:
         self.orphan_deadline = monotonic() + self.orphan_grace
         self.unreachable_slots = set()
         #: monotonic time of the next liveness pass: evictions and heartbeats owed. Peers' last
-        #: seen/sent times only grow, so nothing falls due before it (an unreachable node resets it)
+        #: seen/sent times only grow, so nothing falls due before it (an unreachable peer resets it)
         self.next_liveness = 0.0
         self.handlers = {P.READY: self._on_ready, P.JOIN: self._on_join, P.HEARTBEAT: self._on_heartbeat,
                          P.RESULT: self._on_result, P.LOST: self._on_lost_report,
@@ -311,6 +311,7 @@ class Leasing:
             log.warning("cannot reach pool process %s (%s): its deliveries will be redelivered",
                         slot.key, error)
             self.unreachable_slots.add(slot)
+            self.next_liveness = 0.0
             return True
         return False
 
@@ -319,8 +320,9 @@ class Leasing:
 
     def schedule_liveness(self, mono):
         """After a liveness pass (and its heartbeats): the next is due when a node is first
-        owed a heartbeat or may have been silent too long, or when orphaned leases expire."""
-        deadline = self.workers.next_deadline(mono)
+        owed a heartbeat or may have been silent too long, when orphaned leases expire, or at
+        once while a pool process found unreachable has not been dealt with."""
+        deadline = 0.0 if self.unreachable_slots else self.workers.next_deadline(mono)
         if self.orphans:
             deadline = min(deadline, max(0.0, self.orphan_deadline - mono))
         self.next_liveness = mono + deadline

@@ -102,8 +102,9 @@ class PoolWorker:
         self.broker_url = broker_url
         self.context = zmq.Context()
         self.socket = None
+        self.control_fd = control.fileno()
         #: what ``_poll`` waits on: the control pipe, then the socket once joined
-        self.poll_items = [(control.fileno(), zmq.POLLIN)]
+        self.poll_items = [(self.control_fd, zmq.POLLIN)]
         self.backlog = collections.deque()   # (token, header, payload) received, not yet run
         self.unsettled = {}                   # token -> (result header, payload, sent at)
         self.seen = 0                         # highest delivery token received
@@ -145,9 +146,8 @@ class PoolWorker:
 
     def _poll(self, wait):
         """Handle control and socket input for up to ``wait`` seconds; False to exit."""
-        control = self.poll_items[0][0]
         ready = dict(zmq.zmq_poll(self.poll_items, int(wait * 1000)))
-        if ready.get(control):
+        if ready.get(self.control_fd):
             try:
                 command = self.control.recv_bytes()
             except (EOFError, OSError):
