@@ -13,9 +13,17 @@
                                               +-----------------------------+
 
 Nothing is acknowledged before the transaction that records it has committed: a SUBMIT's ACK,
-a result's SETTLED and every TASK delivery leave the socket only after ``commit()``. A crash at
-any point therefore loses only messages that their sender will resend (clients resend unanswered
-requests, nodes resend unsettled results, leases without a live holder are requeued).
+a result's SETTLED and a RESULT pushed to a client leave the socket only after ``commit()``. A
+crash at any point therefore loses only messages that their sender will resend (clients resend
+unanswered requests, nodes resend unsettled results, leases without a live holder are requeued).
+
+TASK deliveries are the exception: they leave just *before* the commit, so a pool process runs
+the task while the broker commits (and fsyncs). A delivery acknowledges nothing. If its commit
+fails or the broker dies first, the delivery is a phantom: its lease was never stored, so its
+RESULT matches no lease and is discarded, and the task itself is delivered again from the store
+(or resubmitted by its client, which got no ACK). That is one more way to run a task twice,
+which at-least-once delivery allows. Phantom tokens are never handed out again (``Batch.abort``,
+``Store.SEQ_RESTART_GAP``), so no later lease can take one's result for its own.
 """
 
 import logging
@@ -72,8 +80,10 @@ class Iteration:
 
     def __init__(self):
         self.sends = []                                  # (identity, frames)
-        #: (identity, command) -> body frames: TASKs to pool processes, RESULT/STATE to clients
-        #: (never to a node: only ``sends`` count as a heartbeat to one)
+        #: pool process identity -> TASK body frames, sent before the commit (see the top)
+        self.deliveries = defaultdict(list)
+        #: (identity, command) -> body frames: RESULT/STATE to clients (never to a node: only
+        #: ``sends`` count as a heartbeat to one)
         self.batched = defaultdict(list)
         self.after_commit = []                           # callables
         #: slot -> credit change this iteration: + leases settled or requeued, - tasks delivered
@@ -193,6 +203,7 @@ class Broker:
             batch = self.store.begin()
             try:
                 self._work(batch, it, messages, refuse_submits)
+                self._deliver(it)
                 batch.commit()
                 break
             except lmdb.MapFullError:  # (also at commit, when LMDB's free list needs pages)
@@ -242,18 +253,22 @@ class Broker:
             self.next_cleanup = mono + CLEANUP_INTERVAL
             batch.expire_results(now)
 
+    def _deliver(self, it):
+        """Send this iteration's TASKs ahead of its commit (see the top). Each carries its
+        process's deferred SETTLED tokens in its first frame (results of earlier, committed
+        iterations): no message and no wake-up of their own."""
+        take = self.leasing.settles.take
+        for identity, body in it.deliveries.items():
+            self._reply(identity, P.message(P.TASK, b",".join(take(identity)), *body))
+
     def _flush(self, it):
         mono = self.monotonic()
         leasing = self.leasing
         settles = leasing.settles
         if it.settled:
             settles.add(it.settled, mono)
-        # batched messages (TASK deliveries, RESULT pushes) first: they are on someone's critical
-        # path. A TASK carries its process's deferred SETTLED tokens in its first frame: no
-        # message and no wake-up of their own.
+        # batched messages (RESULT pushes) first: they are on someone's critical path
         for (identity, command), body in it.batched.items():
-            if command == P.TASK:
-                body = [b",".join(settles.take(identity)), *body]
             self._reply(identity, P.message(command, *body))
         if settles.pending:
             for identity, tokens in settles.due(mono):

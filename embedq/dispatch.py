@@ -2,7 +2,8 @@
 
 The best ready task (priority, then submit order; across all the queues a process consumes) goes
 to processes with credit, shared fairly among them; each delivery is a lease with a fresh token,
-recorded in the loop's transaction and sent after its commit. A task whose type is over its rate
+recorded in the loop's transaction and sent just before its commit (broker.py says why that is
+safe). A task whose type is over its rate
 limit is scheduled for its reserved slot instead (ratelimit.py). A process that dispatch leaves
 credit-bound while work waits is marked ``limited`` (its prefetch window may widen, peers.py).
 """
@@ -48,7 +49,7 @@ class Dispatcher:
                     batch.lease(task_id, token, slot.key, now)
                     new_leases[token] = task_id
                     frames += (str(token).encode(), raw, payload)
-                it.add(slot.identity, P.TASK, *frames)
+                it.deliveries[slot.identity] += frames
                 it.after_commit.append(lambda s=slot, leases=new_leases: s.leases.update(leases))
                 if credit > len(tasks) and any(ready(q) for q in slot.queues):
                     still_hungry.append(slot)

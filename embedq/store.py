@@ -10,7 +10,7 @@ Named databases and their keys (integers are big-endian so byte order is numeric
     leases     id                                  -> token u64 | since_us u64 | node id
                delivered to a worker node; the token names this delivery, so a late result from
                an evicted node is recognised and discarded
-    meta       b"seq" -> u64 (last sequence number / delivery token); b"version" -> b"2";
+    meta       b"seq" -> u64 (last sequence number / delivery token committed); b"version" -> b"2";
                b"rate" 0x00 task name -> f64: when the next task of a rate-limited type may start
     beat       entry name                          -> hlen u32 | entry JSON | args payload
                periodic entries (beat.py): schedule, task header template and run state (last
@@ -50,6 +50,9 @@ FULL_THRESHOLD = 0.9
 GROW_THRESHOLD = 0.6
 #: Layout version in ``meta``; a directory written with another layout is refused.
 SCHEMA_VERSION = b"2"
+#: Sequence numbers skipped at every open: more than one loop iteration can hand out, so no token
+#: of a delivery sent before a commit that never happened (broker.py) is handed out again.
+SEQ_RESTART_GAP = 1 << 40
 
 _U64 = struct.Struct(">Q")
 _TASK_PREFIX = struct.Struct(">QI")       # seq, header length
@@ -89,7 +92,7 @@ class Store:
             txn.put(b"version", SCHEMA_VERSION, db=meta, overwrite=False)
             found = txn.get(b"version", db=meta)
             raw = txn.get(b"seq", db=meta)
-            self.seq = _U64.unpack(raw)[0] if raw else 0
+            self.seq = (_U64.unpack(raw)[0] if raw else 0) + SEQ_RESTART_GAP
         if found != SCHEMA_VERSION:
             self.close()
             raise ConfigurationError(
@@ -130,8 +133,7 @@ class Store:
         return True
 
     def refusal(self):
-        """The StorageFull message if the store is close to its cap, else False. Cheap
-        high-water check first; page counts only if high."""
+        """The StorageFull message if the store is near its cap, else False (pages counted only if high)."""
         psize = self.env.stat()["psize"]
         limit = self.max_size * FULL_THRESHOLD
         if (self.env.info()["last_pgno"] + 1) * psize <= limit:
@@ -209,6 +211,7 @@ class Batch(OutcomeRecords, WorkflowRecords):
 
     def abort(self):
         self.txn.abort()
+        self.store.seq = max(self.store.seq, self.seq)  # its tokens may be out in deliveries
 
     # -- tasks ---------------------------------------------------------------------------
     def add_task(self, header, raw_header, payload, now):
