@@ -228,6 +228,9 @@ class Broker:
         if self.write_failure is not None and batch.dirty and refuse_submits != self.write_failure:
             self.write_failure = None
             log.warning("the store in %s takes writes again", self.store.path)
+        # results and states owed to clients first: someone is waiting for them
+        for (identity, command), body in it.batched.items():
+            self._reply(identity, P.message(command, *body))
         for callback in it.after_commit:
             callback()
         self._flush(it)
@@ -267,9 +270,6 @@ class Broker:
         settles = leasing.settles
         if it.settled:
             settles.add(it.settled, mono)
-        # batched messages (RESULT pushes) first: they are on someone's critical path
-        for (identity, command), body in it.batched.items():
-            self._reply(identity, P.message(command, *body))
         if settles.pending:
             for identity, tokens in settles.due(mono):
                 self._reply(identity, P.message(P.SETTLED, *tokens))
