@@ -17,13 +17,11 @@ a result's SETTLED and a RESULT pushed to a client leave the socket only after `
 crash at any point therefore loses only messages that their sender will resend (clients resend
 unanswered requests, nodes resend unsettled results, leases without a live holder are requeued).
 
-TASK deliveries are the exception: they leave just *before* the commit, so a pool process runs
-the task while the broker commits (and fsyncs). A delivery acknowledges nothing. If its commit
-fails or the broker dies first, the delivery is a phantom: its lease was never stored, so its
-RESULT matches no lease and is discarded, and the task itself is delivered again from the store
-(or resubmitted by its client, which got no ACK). That is one more way to run a task twice,
-which at-least-once delivery allows. Phantom tokens are never handed out again (``Batch.abort``,
-``Store.SEQ_RESTART_GAP``), so no later lease can take one's result for its own.
+TASK deliveries leave just *before* the commit, so a pool process runs the task while the broker
+commits (and fsyncs); a delivery acknowledges nothing. If the commit fails or the broker dies
+first, the delivery is a phantom: its lease was never stored, its RESULT matches no lease and is
+discarded, and the task goes out again (at-least-once allows the second run). Tokens are never
+handed out twice, so no later lease takes a phantom's result: see ``Store.SEQ_BLOCK``.
 """
 
 import logging
@@ -203,7 +201,9 @@ class Broker:
             batch = self.store.begin()
             try:
                 self._work(batch, it, messages, refuse_submits)
-                self._deliver(it)
+                early = batch.numbers_reserved
+                if early:
+                    self._deliver(it)
                 batch.commit()
                 break
             except lmdb.MapFullError:  # (also at commit, when LMDB's free list needs pages)
@@ -228,6 +228,8 @@ class Broker:
         if self.write_failure is not None and batch.dirty and refuse_submits != self.write_failure:
             self.write_failure = None
             log.warning("the store in %s takes writes again", self.store.path)
+        if not early:  # its tokens needed a new reservation, committed just now
+            self._deliver(it)
         # results and states owed to clients first: someone is waiting for them
         for (identity, command), body in it.batched.items():
             self._reply(identity, P.message(command, *body))

@@ -157,6 +157,8 @@ class Client:
         self.on_result = None
         #: submits of concurrent threads waiting to share one SUBMIT (see submit)
         self.group = _SubmitGroup()
+        #: when a WAIT last asked for every outstanding result (see wait)
+        self.last_bulk_wait = float("-inf")
 
     def connection(self):
         conn = getattr(self.local, "connection", None)
@@ -307,16 +309,20 @@ class Client:
         if found is None and subscribed is not conn:
             # Another thread submitted it: subscribe this socket to every result still owed to
             # this process, so the get()s that follow find theirs already here.
-            with self.lock:
-                others = list(itertools.islice(self.outstanding, BULK_WAIT))
-            conn.send(P.message(P.WAIT, P.encode({"ids": [task_id, *others]})))
+            self._wait_for_all(conn, task_id)
         while found is None:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"task {task_id} did not finish within {timeout}s")
             if now - sent >= self.resend_interval:
-                # the broker may have restarted and forgotten the waiter
-                conn.send(P.message(P.WAIT, P.encode({"ids": [task_id]})))
+                # The broker may have restarted and forgotten its waiters: this one and, as
+                # likely, every other result owed to this process. Asking for all of them now
+                # (at most once per interval) spares each later get() an interval of its own.
+                if now - self.last_bulk_wait >= self.resend_interval:
+                    self.last_bulk_wait = now
+                    self._wait_for_all(conn, task_id)
+                else:
+                    conn.send(P.message(P.WAIT, P.encode({"ids": [task_id]})))
                 sent = now
             wait = sent + self.resend_interval - now
             conn.pump(wait if deadline is None else min(wait, deadline - now))
@@ -325,3 +331,9 @@ class Client:
         if header.get("state") == states.UNKNOWN:
             raise UnknownTaskError(task_id)
         return header, payload
+
+    def _wait_for_all(self, conn, task_id):
+        """WAIT for ``task_id`` and every other result still owed to this process."""
+        with self.lock:
+            others = list(itertools.islice(self.outstanding, BULK_WAIT))
+        conn.send(P.message(P.WAIT, P.encode({"ids": list(dict.fromkeys([task_id, *others]))})))

@@ -1,9 +1,13 @@
-"""Process hygiene shared by broker, worker node and pool children: no orphans, clean signals."""
+"""Process hygiene shared by broker, worker node and pool children: no orphans, clean signals,
+one broker per data dir."""
 
 import ctypes
+import fcntl
 import os
 import signal
 import sys
+
+from .errors import DataDirLocked
 
 _PR_SET_PDEATHSIG = 1
 
@@ -52,3 +56,22 @@ class StopFlag:
 
     def __bool__(self):
         return self.requested
+
+
+def lock_data_dir(path):
+    """Exclusive, non-blocking flock; released by the OS if the broker dies (even by kill -9)."""
+    lock_file = open(os.path.join(path, "broker.lock"), "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        owner = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        raise DataDirLocked(
+            f"another broker (pid {owner}) is using data dir {path!r}; stop it or choose another "
+            "--data-dir") from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+    return lock_file

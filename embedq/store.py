@@ -10,7 +10,7 @@ Named databases and their keys (integers are big-endian so byte order is numeric
     leases     id                                  -> token u64 | since_us u64 | node id
                delivered to a worker node; the token names this delivery, so a late result from
                an evicted node is recognised and discarded
-    meta       b"seq" -> u64 (last sequence number / delivery token committed); b"version" -> b"2";
+    meta       b"seq" -> u64 (sequence numbers / delivery tokens reserved); b"version" -> b"2";
                b"rate" 0x00 task name -> f64: when the next task of a rate-limited type may start
     beat       entry name                          -> hlen u32 | entry JSON | args payload
                periodic entries (beat.py): schedule, task header template and run state (last
@@ -27,7 +27,6 @@ turns into StorageFull for submitters (see ``Broker._iterate``). LMDB does not s
 processes from opening one directory, so the broker holds an exclusive ``flock`` on ``broker.lock``.
 """
 
-import fcntl
 import logging
 import os
 import struct
@@ -35,7 +34,8 @@ from collections import Counter, defaultdict
 
 import lmdb
 
-from .errors import ConfigurationError, DataDirLocked
+from .errors import ConfigurationError
+from .lifecycle import lock_data_dir
 from .protocol import TaskHeader
 from .records import OutcomeRecords, join_record, split_record, us
 from .workflow_records import WorkflowRecords
@@ -50,9 +50,10 @@ FULL_THRESHOLD = 0.9
 GROW_THRESHOLD = 0.6
 #: Layout version in ``meta``; a directory written with another layout is refused.
 SCHEMA_VERSION = b"2"
-#: Sequence numbers skipped at every open: more than one loop iteration can hand out, so no token
-#: of a delivery sent before a commit that never happened (broker.py) is handed out again.
-SEQ_RESTART_GAP = 1 << 40
+#: Sequence numbers reserved at a time (``meta`` b"seq"). A TASK leaves before its commit
+#: (broker.py) only if its token is within the committed reservation, and a store opened again
+#: continues after it: no number a delivery may carry is handed out twice, even after a crash.
+SEQ_BLOCK = 1 << 20
 
 _U64 = struct.Struct(">Q")
 _TASK_PREFIX = struct.Struct(">QI")       # seq, header length
@@ -76,7 +77,7 @@ class Store:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.max_size = max_size
-        self._lock_file = _lock_data_dir(path)
+        self._lock_file = lock_data_dir(path)
         self.env = lmdb.open(
             path, map_size=min(INITIAL_MAP_SIZE, max_size), max_dbs=16, subdir=True,
             sync=(durability == "fsync"), metasync=(durability == "fsync"),
@@ -92,7 +93,11 @@ class Store:
             txn.put(b"version", SCHEMA_VERSION, db=meta, overwrite=False)
             found = txn.get(b"version", db=meta)
             raw = txn.get(b"seq", db=meta)
-            self.seq = (_U64.unpack(raw)[0] if raw else 0) + SEQ_RESTART_GAP
+            self.seq = _U64.unpack(raw)[0] if raw else 0
+            #: every sequence number up to this one may be in use (stored, or in a delivery)
+            self.reserved = self.seq + SEQ_BLOCK
+            if found == SCHEMA_VERSION:
+                txn.put(b"seq", _U64.pack(self.reserved), db=meta)
         if found != SCHEMA_VERSION:
             self.close()
             raise ConfigurationError(
@@ -197,13 +202,22 @@ class Batch(OutcomeRecords, WorkflowRecords):
         self.dirty = True
         return self.seq
 
+    @property
+    def numbers_reserved(self):
+        """Every number this batch handed out is within the committed reservation, so its
+        deliveries may leave before its commit."""
+        return self.seq <= self.store.reserved
+
     def commit(self):
         if not self.dirty:
             self.txn.abort()
             return
-        if self.seq != self.store.seq:
-            self.txn.put(b"seq", _U64.pack(self.seq), db=self.db["meta"])
+        reserve = not self.numbers_reserved
+        if reserve:
+            self.txn.put(b"seq", _U64.pack(self.seq + SEQ_BLOCK), db=self.db["meta"])
         self.txn.commit()
+        if reserve:
+            self.store.reserved = self.seq + SEQ_BLOCK
         self.store.seq = self.seq
         counts = self.store.ready_counts
         for queue, change in self.ready_delta.items():
@@ -377,25 +391,6 @@ class Batch(OutcomeRecords, WorkflowRecords):
 
     def beat_names(self):
         return [key.decode() for key in self.txn.cursor(db=self.db["beat"]).iternext(values=False)]
-
-
-def _lock_data_dir(path):
-    """Exclusive, non-blocking flock; released by the OS if the broker dies (even by kill -9)."""
-    lock_file = open(os.path.join(path, "broker.lock"), "a+")
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.seek(0)
-        owner = lock_file.read().strip() or "unknown"
-        lock_file.close()
-        raise DataDirLocked(
-            f"another broker (pid {owner}) is using data dir {path!r}; stop it or choose another "
-            "--data-dir") from None
-    lock_file.seek(0)
-    lock_file.truncate()
-    lock_file.write(str(os.getpid()))
-    lock_file.flush()
-    return lock_file
 
 
 __all__ = ["Store", "Batch", "Lease", "split_record", "join_record"]

@@ -127,6 +127,27 @@ def test_a_task_is_on_its_way_to_the_pool_before_the_commit(loop, monkeypatch):
     assert take_task(loop)[1] == "t"
 
 
+def test_a_task_whose_token_needs_a_new_reservation_waits_for_the_commit(loop, monkeypatch):
+    """Early deliveries carry only reserved numbers: the batch that goes past the reservation
+    commits a new one first, and its TASKs leave after that commit."""
+    store = loop.broker.store
+    store.reserved = store.seq  # as if the reserved block were used up
+    polls = []
+    real_commit = store_module.Batch.commit
+
+    def commit(batch):
+        if batch.dirty:
+            polls.append(loop.pool.poll(100))
+        return real_commit(batch)
+
+    monkeypatch.setattr(store_module.Batch, "commit", commit)
+    loop.submit("t")
+    assert loop.recv(loop.client)[1] == P.ACK
+    token, task_id = take_task(loop)
+    assert polls == [False] and task_id == "t"  # not on its way during the commit
+    assert store.reserved == token + store_module.SEQ_BLOCK
+
+
 def test_a_delivery_whose_commit_failed_runs_twice_and_stores_one_result(loop, monkeypatch):
     """MDB_MAP_FULL at commit: the map grows and the iteration is redone, so the task goes out
     again under a new token. The first delivery is a phantom: its result matches no lease and

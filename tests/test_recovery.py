@@ -739,3 +739,32 @@ def test_orphan_grace_outlasts_a_nodes_reconnect_interval(tmp_path):
     finally:
         broker.close()
         broker.context.term()
+
+
+def test_after_a_broker_restart_the_first_get_asks_for_every_result_owed(broker, start_worker, app,
+                                                                         monkeypatch):
+    """A restarted broker has forgotten which client waits for what, so it pushes nothing. The
+    first get() that hears nothing for a resend interval asks for every result this process is
+    still owed, not only its own, so the get()s that follow find theirs already here instead of
+    each waiting out an interval and asking alone (one WAIT per get before)."""
+    import testapp
+    from embedq.client import Connection
+
+    queued = [testapp.add.delay(i, i) for i in range(20)]  # no worker yet: they wait in LMDB
+    broker.kill(signal.SIGKILL)
+    broker.start()
+    start_worker(concurrency=2)
+    ids = [r.id for r in queued]
+    wait_until(lambda: all(s["state"] == states.SUCCESS for s in app.client.status(ids).values()),
+               timeout=30, message="every task run after the restart")
+    waits = []
+    real_send = Connection.send
+
+    def send(self, frames):
+        if frames[1] == P.WAIT:
+            waits.append(P.decode(frames[2])["ids"])
+        return real_send(self, frames)
+
+    monkeypatch.setattr(Connection, "send", send)
+    assert [r.get(timeout=10) for r in queued] == [2 * i for i in range(20)]
+    assert len(waits) == 1 and set(waits[0]) == set(ids), waits

@@ -25,6 +25,8 @@ pytestmark = [pytest.mark.soak, pytest.mark.timeout(SOAK_SECONDS + 300)]
 
 #: Seconds between two blows of the chaos thread (uniformly drawn).
 CHAOS_PAUSE = (0.3, 1.5)
+#: Seconds all accepted tasks get, after the chaos stops, to have their results.
+RESULTS_TIMEOUT = 120
 #: How long a frozen node stays frozen: past its eviction (heartbeat * liveness = 0.6 s).
 FREEZE_SECONDS = (4 * TEST_HEARTBEAT, 10 * TEST_HEARTBEAT)
 
@@ -94,11 +96,22 @@ def test_every_accepted_task_completes_through_kills_freezes_and_broker_restarts
     assert all(chaos.blows.values()), f"not every kind of blow was dealt: {chaos.blows}"
     assert len(accepted) > 100, f"only {len(accepted)} tasks accepted in {SOAK_SECONDS}s"
 
-    wrong = {}
+    wrong, stuck = {}, []
+    phase = time.monotonic()
+    deadline = phase + RESULTS_TIMEOUT
     for task_id, result in accepted.items():
-        value = result.get(timeout=120, propagate=False)
+        try:
+            value = result.get(timeout=max(0.1, deadline - time.monotonic()), propagate=False)
+        except TimeoutError:  # (embedq.errors.TimeoutError is one)
+            stuck.append(task_id)
+            continue
         expected = 2 * int(task_id.split("-")[1])
         if value != expected or result.state != states.SUCCESS:
             wrong[task_id] = (result.state, value)
+    if stuck:  # name them with their states: what the broker holds them as tells where they hang
+        states_now = testapp.app.client.status(stuck[:20])
+        pytest.fail(f"{len(stuck)} of {len(accepted)} accepted tasks had no result after "
+                    f"{RESULTS_TIMEOUT}s, e.g. {states_now}")
     assert wrong == {}, f"{len(wrong)} of {len(accepted)} accepted tasks ended wrong"
-    print(f"\nsoak: {len(accepted)} tasks accepted ({uncertain} submits gave up) through {chaos.blows}")
+    print(f"\nsoak: {len(accepted)} tasks accepted ({uncertain} submits gave up) through {chaos.blows}; "
+          f"all results in {time.monotonic() - phase:.1f}s")

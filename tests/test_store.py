@@ -14,6 +14,7 @@ import lmdb
 import pytest
 
 from embedq import protocol as P
+from embedq import lifecycle
 from embedq import store as store_module
 from embedq.errors import DataDirLocked, EmbedqError
 from embedq.store import Store, join_record, split_record
@@ -228,18 +229,18 @@ def stored_seq(store):
 
 
 def test_seq_numbers_are_never_handed_out_twice(data_dir, store):
-    """TASK deliveries leave before their commit (broker.py): a token of an aborted batch, or of
+    """TASK deliveries leave before their commit (broker.py): a number of an aborted batch, or of
     one a crash cut short, may be out in a delivery, so no later batch may hand it out again."""
     add(store, "a")
-    committed = stored_seq(store)
+    reserved = stored_seq(store)  # what is stored is the reservation, committed at open
+    assert store.seq < reserved == store.reserved == store_module.SEQ_BLOCK
     batch = store.begin()
     first = batch.next_seq()
-    assert first == committed + 1
+    assert batch.numbers_reserved
     batch.abort()
     batch = store.begin()
     assert batch.next_seq() == first + 1  # not reused after the abort
     batch.abort()
-    assert stored_seq(store) == committed  # an abort writes nothing
 
     batch = store.begin()  # a batch cut short by a crash: its number is out, never stored
     lost = batch.next_seq()
@@ -247,11 +248,15 @@ def test_seq_numbers_are_never_handed_out_twice(data_dir, store):
     store.close()
     reopened = Store(data_dir, durability="process")
     try:
-        assert reopened.seq == committed + store_module.SEQ_RESTART_GAP > lost
+        assert reopened.seq == reserved > lost  # continues after the old reservation
+        assert stored_seq(reopened) == reopened.reserved == reserved + store_module.SEQ_BLOCK
+
+        reopened.reserved = reopened.seq  # as if the block were used up
         batch = reopened.begin()
-        assert batch.next_seq() > lost
+        number = batch.next_seq()
+        assert not batch.numbers_reserved  # (its deliveries wait for this commit)
         batch.commit()
-        assert stored_seq(reopened) == reopened.seq
+        assert stored_seq(reopened) == reopened.reserved == number + store_module.SEQ_BLOCK
     finally:
         reopened.close()
 
@@ -470,18 +475,18 @@ def test_everything_survives_close_and_reopen(data_dir):
     add(store, "done", queue="other")
     assert take(store, "other") == ["done"]
     raw = settle(store, "done", payload=b"value", expires_at=NOW + 60)
-    seq = store.seq
+    reserved = store.reserved
     store.close()
 
     store = Store(data_dir, durability="fsync")
     try:
-        assert store.seq == seq + store_module.SEQ_RESTART_GAP  # (numbers of uncommitted deliveries skipped)
+        assert store.seq == reserved  # (numbers reserved before may be out in deliveries)
         assert store.ready_counts == {"celery": 2}  # counted from the ready index at open
         assert [(l.task_id, l.token, l.node) for l in store.leases()] == [("queued", token, "n1/0")]
         assert read(store, "result", "done") == (raw, b"value")
         assert read(store, "next_due") == pytest.approx(NOW + 100, abs=1e-5)
         batch = store.begin()
-        assert batch.next_seq() == seq + store_module.SEQ_RESTART_GAP + 1  # delivery tokens are never reused after a restart
+        assert batch.next_seq() == reserved + 1  # delivery tokens are never reused after a restart
         batch.abort()
         assert add(store, "done") is False and add(store, "queued") is False
         assert take(store) == ["queued-low", "leased"]
@@ -506,8 +511,8 @@ def test_schema_version_is_recorded(store):
     with store.env.begin() as txn:
         assert txn.get(b"version", db=store.db["meta"]) == SCHEMA_VERSION
     add(store, "x")
-    with store.env.begin() as txn:
-        assert struct.unpack(">Q", txn.get(b"seq", db=store.db["meta"]))[0] == store.seq
+    with store.env.begin() as txn:  # the reservation: every number handed out is below it
+        assert struct.unpack(">Q", txn.get(b"seq", db=store.db["meta"]))[0] == store.reserved > store.seq
 
 
 def test_key_layout_matches_the_documented_schema(store):
@@ -825,4 +830,4 @@ def test_a_data_dir_of_another_layout_is_refused_with_the_fix(tmp_path):
     first.close()
     with pytest.raises(ConfigurationError, match="new --data-dir"):
         Store(str(tmp_path / "old"), durability="process")
-    store_module._lock_data_dir(str(tmp_path / "old")).close()  # the refusal released the lock
+    lifecycle.lock_data_dir(str(tmp_path / "old")).close()  # the refusal released the lock
