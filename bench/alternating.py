@@ -17,21 +17,11 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, BENCH_DIR)
-# the worker node's spawned pool processes import bench_tasks too
-os.environ["PYTHONPATH"] = os.pathsep.join([BENCH_DIR, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+sys.path.insert(0, BENCH_DIR)  # (spawned worker processes get sys.path from multiprocessing)
 
-
-def p50_us(one_trip, trips):
-    times = []
-    for _ in range(trips):
-        started = time.perf_counter()
-        one_trip()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
+from one_core import p50_us  # noqa: E402  (needs the path above)
 
 
 def main():

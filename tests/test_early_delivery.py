@@ -111,19 +111,25 @@ def take_task(loop):
     return int(frames[3]), P.decode(frames[4])["id"]
 
 
-def test_a_task_is_on_its_way_to_the_pool_before_the_commit(loop, monkeypatch):
-    polls = [loop.pool]
+def watch_pool_during_commits(loop, monkeypatch, timeout_ms):
+    """A list that gets, at each commit that writes, whether a message waits at the pool."""
+    polls = []
     real_commit = store_module.Batch.commit
 
     def commit(batch):
         if batch.dirty:
-            polls.append(loop.pool.poll(200))
+            polls.append(bool(loop.pool.poll(timeout_ms)))
         return real_commit(batch)
 
     monkeypatch.setattr(store_module.Batch, "commit", commit)
+    return polls
+
+
+def test_a_task_is_on_its_way_to_the_pool_before_the_commit(loop, monkeypatch):
+    polls = watch_pool_during_commits(loop, monkeypatch, 200)
     loop.submit("t")
     assert loop.recv(loop.client)[1] == P.ACK
-    assert polls[1:] == [True]  # the TASK was readable at the pool while the broker committed
+    assert polls == [True]  # the TASK was readable at the pool while the broker committed
     assert take_task(loop)[1] == "t"
 
 
@@ -132,15 +138,7 @@ def test_a_task_whose_token_needs_a_new_reservation_waits_for_the_commit(loop, m
     commits a new one first, and its TASKs leave after that commit."""
     store = loop.broker.store
     store.reserved = store.seq  # as if the reserved block were used up
-    polls = []
-    real_commit = store_module.Batch.commit
-
-    def commit(batch):
-        if batch.dirty:
-            polls.append(loop.pool.poll(100))
-        return real_commit(batch)
-
-    monkeypatch.setattr(store_module.Batch, "commit", commit)
+    polls = watch_pool_during_commits(loop, monkeypatch, 100)
     loop.submit("t")
     assert loop.recv(loop.client)[1] == P.ACK
     token, task_id = take_task(loop)
