@@ -8,6 +8,7 @@ and the broker never unpickles anything.
 
 import json
 import os
+import time
 import re
 import struct
 from typing import NamedTuple
@@ -101,10 +102,19 @@ _UUID_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcde
 
 
 def new_task_id():
-    """A random UUID (version 4) string, the form of Celery's task ids: made from 16 random
-    bytes directly, at a third of the cost of ``str(uuid.uuid4())`` (once per submitted task)."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_UUID_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+    """A time-ordered UUID (version 7, RFC 9562) string, in the form of Celery's task ids.
+
+    Why not random (version 4): the store keys ``tasks`` and ``results`` by id, and in a B-tree
+    random keys dirty a different leaf page per task, while ids that grow with time all land on
+    the rightmost leaf. Under ``fsync`` a commit costs about one disk write per scattered dirty
+    page (docs/storage.md, "Page locality"), so time order cut the pages written per commit from
+    55 to 17 in the 16-thread throughput case. Layout: 48 bits of Unix milliseconds, the
+    version, 12 bits of sub-millisecond fraction (RFC 9562's method 3), the variant, 62 random
+    bits; built from the clock and 8 random bytes, cheaper than ``str(uuid.uuid4())``."""
+    ns = time.time_ns()
+    clock = f"{ns // 1_000_000:012x}7{(ns % 1_000_000) * 4096 // 1_000_000:03x}"
+    h = os.urandom(8).hex()
+    return f"{clock[:8]}-{clock[8:12]}-{clock[12:]}-{_UUID_VARIANT[h[0]]}{h[1:4]}-{h[4:]}"
 
 
 #: The ACK the broker sends for a plain SUBMIT (client_requests.py), parsed without JSON.

@@ -7,8 +7,6 @@ node's roots (``links``); groups that anything follows become chords first (``_t
 link always leaves exactly one tail.
 """
 
-import uuid
-
 from .arguments import COLLECT_TASK
 from .canvas import Signature, as_list, with_args, chain, chord, chunks, group
 from .result import AsyncResult, GroupResult
@@ -119,7 +117,7 @@ class Plan:
 
     def _group(self, node, waiting):
         members = [self.compile(task, waiting) for task in node.tasks]
-        result = GroupResult(node.id or str(uuid.uuid4()), [m.result for m in members], self.app)
+        result = GroupResult(node.id or P.new_task_id(), [m.result for m in members], self.app)
         return _Compiled([r for m in members for r in m.roots], [t for m in members for t in m.tails], result)
 
     def _chord(self, node, waiting):
@@ -128,13 +126,13 @@ class Plan:
             if isinstance(task, (group, chunks)):
                 task = chord(task if isinstance(task, group) else task.group(), Signature(COLLECT_TASK, app=self.app))
             elements.append(self.compile(task, waiting))
-        header_result = GroupResult(str(uuid.uuid4()), [e.result for e in elements], self.app)
+        header_result = GroupResult(P.new_task_id(), [e.result for e in elements], self.app)
         if not elements:  # Celery: an empty header calls the body at once with []
             body = self.compile(with_args(node.body, ([],), {}), waiting)
             body.result.parent = header_result
             return body
         body = self.compile(node.body, waiting=True)
-        chord_id = str(uuid.uuid4())
+        chord_id = P.new_task_id()
         members = []
         for element in elements:
             if len(element.tails) != 1:

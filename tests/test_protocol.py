@@ -802,15 +802,26 @@ def test_message_over_the_limit_in_several_frames_is_refused(context, small_brok
         peer.close()
 
 
-def test_task_ids_are_random_uuid4_strings():
+def test_task_ids_are_time_ordered_uuid7_strings():
     import uuid
 
-    ids = {P.new_task_id() for _ in range(2000)}
-    assert len(ids) == 2000
-    for task_id in list(ids)[:200]:
+    before = time.time_ns() // 1_000_000
+    ids = [P.new_task_id() for _ in range(2000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 2000
+    for task_id in ids[:200]:
         parsed = uuid.UUID(task_id)
         assert str(parsed) == task_id
-        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert before <= parsed.int >> 80 <= after  # the leading 48 bits: Unix milliseconds
+    # ids made a tick apart sort in creation order (the store's B-tree locality rests on it)
+    spaced = []
+    for _ in range(20):
+        spaced.append(P.new_task_id())
+        tick = time.perf_counter()
+        while time.perf_counter() - tick < 2e-6:
+            pass
+    assert spaced == sorted(spaced)
 
 
 def test_the_plain_ack_is_read_without_json_and_any_other_as_json():
