@@ -69,6 +69,12 @@ MAX_TIMESTAMP = 1e12
 MAX_PRIORITY = 255
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+#: ``_encoder``'s C core, made once: ``JSONEncoder.encode`` builds a new one on every call (about
+#: twenty lines of Python per frame). No circular-reference check (``markers`` None): embedq's
+#: frames are trees, and ``encode`` asks the full encoder to name a cycle in anything else.
+_c_encode = json.encoder.c_make_encoder(
+    None, _encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True) \
+    if json.encoder.c_make_encoder is not None else None
 _decoder = json.JSONDecoder()
 _decode = _decoder.decode
 #: the decoder's C scanner: ``decode`` minus seven lines of Python that skip whitespace around
@@ -78,6 +84,11 @@ _scan = _decoder.scan_once
 
 def encode(obj):
     """JSON control frame. Compact and ASCII-safe enough to read in a packet capture."""
+    if _c_encode is not None:
+        try:
+            return "".join(_c_encode(obj, 0)).encode()
+        except RecursionError:  # a cycle (in a task's update_state meta, say): a clear error
+            pass
     return _encoder.encode(obj).encode()
 
 

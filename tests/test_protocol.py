@@ -824,6 +824,22 @@ def test_task_ids_are_time_ordered_uuid7_strings():
     assert spaced == sorted(spaced)
 
 
+def test_encode_writes_what_the_json_encoder_writes_and_names_a_cycle():
+    import json
+
+    full = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+    for value in ({"id": "a", "token": 12, "runtime": 1.2e-05, "date_done": 1764130000.123456},
+                  {"meta": {"nested": [1, None, True, False]}, "text": "é\n\"q\"", "nan": float("nan")},
+                  {1: "int key", "inf": float("inf")}, []):
+        assert P.encode(value) == full.encode(value).encode()
+    cyclic = {"meta": {}}
+    cyclic["meta"]["back"] = cyclic
+    with pytest.raises(ValueError, match="Circular reference"):
+        P.encode(cyclic)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        P.encode({"x": object()})
+
+
 def test_the_plain_ack_is_read_without_json_and_any_other_as_json():
     assert P.decode_ack(b'{"req":12,"ok":3,"dup":[]}') == {"req": 12, "ok": 3, "dup": []}
     assert P.decode_ack(b'{"req":1,"ok":0,"dup":["a"]}') == {"req": 1, "ok": 0, "dup": ["a"]}
