@@ -8,9 +8,9 @@ and the broker never unpickles anything.
 
 import json
 import os
-import time
 import re
 import struct
+import time
 from typing import NamedTuple
 
 from .errors import ProtocolError

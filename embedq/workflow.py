@@ -24,6 +24,7 @@ arguments as an opaque part (``protocol.pack_parts``) and the pool process combi
 from . import protocol as P
 from . import states
 
+
 def has_followers(raw_header):
     """Cheap test before parsing: does this task header take part in a workflow? (Three
     ``in`` tests, not ``any()`` over a generator: this runs for every settled task.)"""
