@@ -16,6 +16,7 @@ import pytest
 from embedq import protocol as P
 from embedq import lifecycle
 from embedq import store as store_module
+from embedq import store_space
 from embedq.errors import DataDirLocked, EmbedqError
 from embedq.store import Store, join_record, split_record
 
@@ -291,6 +292,71 @@ def test_a_stale_ready_entry_is_skipped(store):
     assert take(store) == ["kept"]
     assert store.ready_counts["celery"] == 0
     assert raw_items(store, "ready") == []
+
+
+def add_in(batch, task_id, payload=b"payload", **fields):
+    header, raw = make_header(task_id, **fields)
+    return batch.add_task(header, raw, payload, NOW)
+
+
+def ready_entries(batch):
+    return batch.txn.stat(batch.db["ready"])["entries"]
+
+
+def test_a_task_taken_in_the_batch_that_queued_it_never_touches_ready(store):
+    batch = store.begin()
+    add_in(batch, "quick", payload=b"body")
+    assert batch.take_ready("celery", 5) == [("quick", make_header("quick")[1], b"body")]
+    assert ready_entries(batch) == 0
+    batch.commit()
+    assert store.ready_counts["celery"] == 0
+    assert raw_items(store, "ready") == [] and read(store, "task", "quick") is not None
+
+
+def test_ready_entries_kept_in_memory_are_written_at_commit_in_order(store):
+    batch = store.begin()
+    for task_id, priority in [("low", 0), ("high", 9), ("mid", 5), ("low2", None)]:
+        add_in(batch, task_id, priority=priority)
+    assert ready_entries(batch) == 0
+    assert batch.take_ready("celery", 1) == [("high", make_header("high", priority=9)[1], b"payload")]
+    batch.commit()
+    assert store.ready_counts["celery"] == 3 and len(raw_items(store, "ready")) == 3
+    assert take(store) == ["mid", "low", "low2"]
+
+
+def test_a_new_task_is_ordered_with_those_already_in_lmdb(store):
+    add(store, "old", priority=1)
+    batch = store.begin()
+    add_in(batch, "urgent", priority=9)
+    add_in(batch, "later", priority=1)
+    assert [t for t, _, _ in batch.take_ready("celery", 2)] == ["urgent", "old"]
+    batch.commit()
+    assert take(store) == ["later"]
+
+
+def test_peek_ready_sees_the_entries_kept_in_memory(store):
+    batch = store.begin()
+    add_in(batch, "new", priority=9)
+    assert batch.peek_ready("celery")[0] == 255 - 9
+    batch.abort()
+
+
+def test_a_new_task_settled_before_dispatch_is_skipped(store):
+    batch = store.begin()
+    add_in(batch, "revoked-at-once")
+    add_in(batch, "kept")
+    batch.settle("revoked-at-once", result_header("revoked-at-once", state="REVOKED"), b"", None)
+    assert [t for t, _, _ in batch.take_ready("celery", 5)] == ["kept"]
+    batch.commit()
+    assert store.ready_counts["celery"] == 0 and raw_items(store, "ready") == []
+
+
+def test_an_aborted_batch_writes_none_of_its_ready_entries(store):
+    batch = store.begin()
+    add_in(batch, "never")
+    batch.abort()
+    assert store.ready_counts["celery"] == 0 and raw_items(store, "ready") == []
+    assert take(store) == []
 
 
 # -- leases and requeue ------------------------------------------------------------------------
@@ -651,7 +717,7 @@ def test_grow_doubles_the_map_after_map_full(small_map, data_dir):
 def test_grow_to_fit_doubles_before_the_map_is_full(small_map, data_dir):
     store = Store(data_dir, durability="process", max_size=64 * SMALL_MAP)
     try:
-        used_limit = SMALL_MAP * store_module.GROW_THRESHOLD
+        used_limit = SMALL_MAP * store_space.GROW_THRESHOLD
         i = 0
         while True:  # fill past the growth threshold, but not to MapFullError
             info = store.env.info()
@@ -680,7 +746,7 @@ def test_grow_to_fit_on_reopen_makes_room_for_existing_data(small_map, data_dir)
         info = store.env.info()
         used = (info["last_pgno"] + 1) * store.env.stat()["psize"]
         assert used > 2 * SMALL_MAP
-        assert used <= map_size(store) * store_module.GROW_THRESHOLD
+        assert used <= map_size(store) * store_space.GROW_THRESHOLD
         assert len(raw_items(store, "tasks")) == stored
         assert add(store, "one-more", payload=PAYLOAD) is True
     finally:
