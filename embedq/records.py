@@ -43,7 +43,7 @@ def join_record(first, rest):
 
 
 class OutcomeRecords:
-    """Results, progress, revocations and dead letters (needs ``self.txn``, ``self.db``)."""
+    """Results, progress, revocations and dead letters (needs ``self.txn``, ``self.db``, ``self.store``)."""
 
     # -- results ---------------------------------------------------------------------------
     def settle(self, task_id, raw_header, payload, expires_at):
@@ -53,8 +53,9 @@ class OutcomeRecords:
         txn, db = self.txn, self.db
         txn.delete(key, db=db["tasks"])
         txn.delete(key, db=db["leases"])
-        txn.delete(key, db=db["progress"])
-        txn.delete(key, db=db["revoked"])
+        if self.store.side_records:  # (two lookups fewer per task in a store that never had any)
+            txn.delete(key, db=db["progress"])
+            txn.delete(key, db=db["revoked"])
         expires = _U64.pack(us(expires_at) if expires_at is not None else 0)
         txn.put(key, expires + join_record(raw_header, payload), db=db["results"])
         if expires_at is not None:
@@ -95,6 +96,7 @@ class OutcomeRecords:
     # -- progress (non-final states) ---------------------------------------------------------
     def set_progress(self, task_id, info):
         self.dirty = True
+        self.store.side_records = True
         self.txn.put(task_id.encode(), json.dumps(info, separators=(",", ":")).encode(),
                      db=self.db["progress"])
 
@@ -109,6 +111,7 @@ class OutcomeRecords:
     # -- revocations of leased tasks ----------------------------------------------------------
     def mark_revoked(self, task_id, reason):
         self.dirty = True
+        self.store.side_records = True
         self.txn.put(task_id.encode(), json.dumps(reason).encode(), db=self.db["revoked"])
 
     def revoked(self, task_id):

@@ -91,6 +91,8 @@ class Store(MapSpace):
             self.reserved = self.seq + SEQ_BLOCK
             if found == SCHEMA_VERSION:
                 txn.put(b"seq", _U64.pack(self.reserved), db=meta)
+            #: ``progress`` or ``revoked`` may hold a record (settling skips them while not)
+            self.side_records = any(txn.stat(self.db[name])["entries"] for name in ("progress", "revoked"))
         if found != SCHEMA_VERSION:
             self.close()
             raise ConfigurationError(

@@ -424,6 +424,27 @@ def test_settle_removes_task_and_lease_and_stores_the_result(store):
     assert raw_items(store, "expiry") == [(struct.pack(">Q", int((NOW + 60) * 1e6)) + b"t", b"")]
 
 
+def test_settle_drops_progress_and_revocation_records_also_after_a_reopen(data_dir):
+    store = Store(data_dir)
+    assert store.side_records is False  # nothing to drop: settling skips those lookups
+    for task_id in ("started", "revoked"):
+        add(store, task_id)
+    batch = store.begin()
+    batch.set_progress("started", {"state": "STARTED"})
+    batch.mark_revoked("revoked", {"reason": "revoked"})
+    batch.commit()
+    assert store.side_records is True
+    store.close()
+    store = Store(data_dir)  # a restarted broker finds them
+    try:
+        assert store.side_records is True
+        settle(store, "started")
+        settle(store, "revoked")
+        assert raw_items(store, "progress") == [] and raw_items(store, "revoked") == []
+    finally:
+        store.close()
+
+
 def test_settle_without_expiry_keeps_the_result_forever(store):
     add(store, "t")
     settle(store, "t", expires_at=None)
