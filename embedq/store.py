@@ -154,10 +154,10 @@ class Batch(OutcomeRecords, WorkflowRecords, BeatRecords):
         self.txn = store.env.begin(write=True)
         self.seq = store.seq
         self.ready_delta = defaultdict(int)  # queue -> ready tasks added - taken
-        #: queue -> [(255-priority, seq suffix, task id)] made ready in this batch and not written
-        #: to ``ready`` yet: a task dispatched in the iteration that queued it never touches that
-        #: database (two writes and a cursor walk fewer per round trip); the rest is written
-        #: before the commit, or as soon as the queue must be read from LMDB
+        #: queue -> [(key suffix: 255-priority | seq, task id)] made ready in this batch and not
+        #: written to ``ready`` yet: a task dispatched in the iteration that queued it never
+        #: touches that database (two writes and a cursor walk fewer per round trip); the rest is
+        #: written before the commit, or as soon as the queue must be read from LMDB
         self.fresh = defaultdict(list)
         #: whether anything was written; an idle iteration then costs no commit (and no fsync)
         self.dirty = False
@@ -280,10 +280,10 @@ class Batch(OutcomeRecords, WorkflowRecords, BeatRecords):
         return taken
 
     def _take_fresh(self, queue, fresh, limit):
-        fresh.sort()
+        fresh.sort(reverse=True)  # the best last, where popping is cheap
         taken = []
         while fresh and len(taken) < limit:
-            task_id = fresh.pop(0)[1].decode()
+            task_id = fresh.pop()[1].decode()
             self.ready_delta[queue] -= 1
             record = self.task(task_id)
             if record is not None:  # (settled in this batch: skipped, as a stale entry is)
