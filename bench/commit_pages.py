@@ -18,36 +18,20 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)  # (spawned worker processes get sys.path from multiprocessing)
 
+from harness import delay_from_threads  # noqa: E402  (needs the path above)
+
 PAGE = 4096
 
 
 def run_threads(noop, tasks, threads):
-    """The benchmark's threaded workload; returns its wall time in seconds."""
-    shares = [tasks // threads + (i < tasks % threads) for i in range(threads)]
-    errors = []
-
-    def client(index):
-        try:
-            results = [noop.delay() for _ in range(shares[index])]
-            for result in results:
-                result.get(timeout=120)
-        except BaseException as exc:  # reported below, not lost in the thread
-            errors.append(exc)
-
-    workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    """The benchmark's threaded workload (harness.delay_from_threads); its wall time in seconds."""
     started = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    if errors:
-        raise errors[0]
+    delay_from_threads(noop, tasks, threads)
     return time.perf_counter() - started
 
 

@@ -1,6 +1,7 @@
 """Measuring helpers and sizes shared by the benchmark modules (see conftest.py for the knobs)."""
 
 import os
+import threading
 import time
 
 N_TASKS = int(os.environ.get("BENCH_TASKS", 20_000))
@@ -133,3 +134,31 @@ def measure_throughput(benchmark, run, *, system, label, durability="-", tasks=N
         "round_seconds": [round(s, 3) for s in elapsed],
         "loadavg_1m": round(os.getloadavg()[0], 2),
     })
+
+
+def delay_from_threads(task, n, threads):
+    """The threaded ``delay()`` workload: ``threads`` threads start together, each ``delay()``s
+    its share of ``n`` calls and then ``get()``s its own results. Returns how many came back
+    None (all of them, for a no-op). An error in any thread is raised here."""
+    shares = [n // threads + (i < n % threads) for i in range(threads)]
+    counts = [0] * threads
+    errors = []
+    start = threading.Barrier(threads)
+
+    def client(index):
+        try:
+            start.wait()
+            results = [task.delay() for _ in range(shares[index])]
+            counts[index] = sum(1 for r in results if r.get(timeout=120) is None)
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+            start.abort()
+
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        raise errors[0]
+    return sum(counts)

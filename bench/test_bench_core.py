@@ -24,13 +24,12 @@ worker, the same four hops as ``delay().get()`` with no work at any of them.
 """
 
 import concurrent.futures
-import threading
 
 import pytest
 
 import bench_tasks
-from harness import (EMBEDQ, N_THREADS, POOL, PPE, ZMQ_FLOOR, measure_latency, measure_latency_interleaved,
-                     measure_throughput)
+from harness import (EMBEDQ, N_THREADS, POOL, PPE, ZMQ_FLOOR, delay_from_threads, measure_latency,
+                     measure_latency_interleaved, measure_throughput)
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(600)]
 
@@ -115,28 +114,7 @@ def test_throughput_embedq_delay(benchmark, embedq_cluster):
 
 def test_throughput_embedq_delay_threads(benchmark, embedq_cluster):
     def run(n):
-        shares = [n // N_THREADS + (i < n % N_THREADS) for i in range(N_THREADS)]
-        counts = [0] * N_THREADS
-        errors = []
-        start = threading.Barrier(N_THREADS)
-
-        def client(index):
-            try:
-                start.wait()
-                results = [noop.delay() for _ in range(shares[index])]
-                counts[index] = sum(1 for r in results if r.get(timeout=120) is None)
-            except BaseException as exc:  # reported below, not lost in the thread
-                errors.append(exc)
-                start.abort()
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(N_THREADS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-        return sum(counts)
+        return delay_from_threads(noop, n, N_THREADS)
 
     durability = embedq_cluster.durability
     measure_throughput(benchmark, run, system=EMBEDQ, durability=durability,
