@@ -157,8 +157,9 @@ class Client:
         self.on_result = None
         #: submits of concurrent threads waiting to share one SUBMIT (see submit)
         self.group = _SubmitGroup()
-        #: when a WAIT last asked for every outstanding result (see wait)
-        self.last_bulk_wait = float("-inf")
+        #: when a WAIT last asked for every outstanding result, and when any socket of this
+        #: process last heard from the broker (see wait)
+        self.last_bulk_wait = self.last_heard = float("-inf")
 
     def connection(self):
         conn = getattr(self.local, "connection", None)
@@ -176,6 +177,7 @@ class Client:
         self.local = threading.local()
 
     def file_message(self, conn, command, body):
+        self.last_heard = time.monotonic()
         if command == P.RESULT:
             for raw, payload in P.pairs(body):
                 header = P.decode(raw)
@@ -316,9 +318,14 @@ class Client:
                 raise TimeoutError(f"task {task_id} did not finish within {timeout}s")
             if now - sent >= self.resend_interval:
                 # The broker may have restarted and forgotten its waiters: this one and, as
-                # likely, every other result owed to this process. Asking for all of them now
-                # (at most once per interval) spares each later get() an interval of its own.
-                if now - self.last_bulk_wait >= self.resend_interval:
+                # likely, every other result owed to this process. After a silence on all our
+                # sockets for an interval, asking for all of them (at most once per interval)
+                # spares each later get() an interval of its own. While results keep coming, a
+                # WAIT of thousands of ids would only stall the broker's loop every interval
+                # (scheduled tasks started up to 40 ms late): this id alone is asked for again,
+                # which subscribes it either way.
+                if (now - self.last_bulk_wait >= self.resend_interval
+                        and now - self.last_heard >= self.resend_interval):
                     self.last_bulk_wait = now
                     self._wait_for_all(conn, task_id)
                 else:

@@ -164,3 +164,32 @@ def test_threads_share_submits_and_each_gets_its_own_results(app, start_worker):
         assert all(pool.map(work, range(threads)))
     assert sum(sizes) == threads * 31
     assert max(sizes) > 1  # some SUBMITs carried several threads' tasks
+
+
+def test_a_get_that_hears_the_broker_reasks_for_its_own_id_only(app, start_worker, monkeypatch):
+    """A get() left waiting past a resend interval asks for its result again. While the broker
+    keeps pushing other results to this process it is the broker that has our subscriptions, so
+    the get() asks for its own id alone: a WAIT for every result owed (thousands, with tasks
+    scheduled ahead) stalled the broker's loop once per interval, and scheduled tasks started
+    late by up to 40 ms. (After a silence, see test_recovery: it asks for all of them.)"""
+    import testapp
+    from embedq import protocol as P
+    from embedq.client import Connection
+
+    start_worker(concurrency=2)
+    assert testapp.add.delay(0, 0).get(timeout=20) == 0  # the worker is up: results flow at once
+    late = testapp.add.apply_async((1, 1), countdown=2.0)  # about six resend intervals away
+    stream = [testapp.add.apply_async((i, 0), countdown=0.05 * i) for i in range(40)]
+    waits = []
+    real_send = Connection.send
+
+    def send(self, frames):
+        if frames[1] == P.WAIT:
+            waits.append(P.decode(frames[2])["ids"])
+        return real_send(self, frames)
+
+    monkeypatch.setattr(Connection, "send", send)
+    assert late.get(timeout=20) == 2  # meanwhile the stream's results arrive every 50 ms
+    assert waits, "the get() never waited a resend interval: the test proves nothing"
+    assert all(ids == [late.id] for ids in waits), waits
+    assert [r.get(timeout=20) for r in stream] == list(range(40))
