@@ -92,6 +92,8 @@ class Connection:
         self.replies = {}
         #: it has sent a request (so the broker can route pushed results to it)
         self.used = False
+        #: the number (``Client.outstanding``) of the newest owed result it has WAITed for
+        self.asked_through = 0
 
     def close(self):
         self.socket.close(linger=LINGER_MS)
@@ -150,9 +152,11 @@ class Client:
         self.requests = itertools.count(1)
         self.connections = weakref.WeakSet()  # a thread's socket closes when the thread ends
         self.lock = threading.Lock()
-        #: ids submitted from this process whose results have not arrived yet; a WAIT from a
-        #: thread that did not submit them asks for all of them at once (bulk fetch)
+        #: ids submitted from this process whose results have not arrived yet, each with a
+        #: number in submit order; a WAIT from a thread that did not submit them asks for all
+        #: of them at once (bulk fetch)
         self.outstanding = collections.OrderedDict()
+        self.owed_numbers = itertools.count(1)
         #: optional hook (task id, header, payload) for results pushed to other identities' owners
         self.on_result = None
         #: submits of concurrent threads waiting to share one SUBMIT (see submit)
@@ -273,7 +277,7 @@ class Client:
         with self.lock:
             for _, messages in parts:
                 for task_id, _, _ in messages:
-                    self.outstanding[task_id] = None
+                    self.outstanding.setdefault(task_id, next(self.owed_numbers))
             while len(self.outstanding) > OUTSTANDING_LIMIT:
                 self.outstanding.popitem(last=False)
         return reply
@@ -327,7 +331,7 @@ class Client:
                 if (now - self.last_bulk_wait >= self.resend_interval
                         and now - self.last_heard >= self.resend_interval):
                     self.last_bulk_wait = now
-                    self._wait_for_all(conn, task_id)
+                    self._wait_for_all(conn, task_id, again=True)
                 else:
                     conn.send(P.message(P.WAIT, P.encode({"ids": [task_id]})))
                 sent = now
@@ -339,8 +343,19 @@ class Client:
             raise UnknownTaskError(task_id)
         return header, payload
 
-    def _wait_for_all(self, conn, task_id):
-        """WAIT for ``task_id`` and every other result still owed to this process."""
+    def _wait_for_all(self, conn, task_id, again=False):
+        """WAIT for ``task_id`` and the other results still owed to this process that ``conn``
+        has not asked for yet (``again``: all of them, for a broker that may have forgotten).
+        Only what is new: a thread that get()s a backlog in order would otherwise send the whole
+        backlog with each get() that waits, and the broker would look up n²/2 ids."""
         with self.lock:
-            others = list(itertools.islice(self.outstanding, BULK_WAIT))
-        conn.send(P.message(P.WAIT, P.encode({"ids": list(dict.fromkeys([task_id, *others]))})))
+            since = 0 if again else conn.asked_through
+            newer = []
+            for owed in reversed(self.outstanding):  # newest first, down to what was asked
+                if self.outstanding[owed] <= since:
+                    break
+                newer.append(owed)
+            newer = newer[::-1][:BULK_WAIT]  # oldest first, as many as one WAIT holds
+            if newer:
+                conn.asked_through = self.outstanding[newer[-1]]
+        conn.send(P.message(P.WAIT, P.encode({"ids": list(dict.fromkeys([task_id, *newer]))})))

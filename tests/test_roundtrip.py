@@ -193,3 +193,36 @@ def test_a_get_that_hears_the_broker_reasks_for_its_own_id_only(app, start_worke
     assert waits, "the get() never waited a resend interval: the test proves nothing"
     assert all(ids == [late.id] for ids in waits), waits
     assert [r.get(timeout=20) for r in stream] == list(range(40))
+
+
+def test_a_thread_getting_a_backlog_in_order_asks_for_each_id_about_once(app, start_worker, monkeypatch):
+    """A thread that did not submit the tasks subscribes its socket to every result the process
+    is owed with its first WAIT; each later get() that has to wait asks only for what was
+    submitted since. (It sent the whole remaining backlog each time: for n results falling due one
+    after another, n²/2 ids for the broker to look up.)"""
+    import threading
+
+    import testapp
+    from embedq import protocol as P
+    from embedq.client import Connection
+
+    start_worker(concurrency=2)
+    assert testapp.add.delay(0, 0).get(timeout=20) == 0
+    n = 60
+    backlog = [testapp.add.apply_async((i, 0), countdown=0.02 * i) for i in range(n)]
+    asked = []
+    real_send = Connection.send
+
+    def send(self, frames):
+        if frames[1] == P.WAIT:
+            asked.extend(P.decode(frames[2])["ids"])
+        return real_send(self, frames)
+
+    monkeypatch.setattr(Connection, "send", send)
+    got = []
+    consumer = threading.Thread(target=lambda: got.extend(r.get(timeout=20) for r in backlog))
+    consumer.start()
+    consumer.join(30)
+    assert got == list(range(n))
+    assert len(asked) >= n // 2, "the consumer hardly waited: the test proves nothing"
+    assert len(asked) <= 3 * n, f"{len(asked)} ids asked for {n} results"
