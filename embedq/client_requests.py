@@ -39,13 +39,14 @@ class ClientRequests:
                 # whose result it is: reply_to, else the thread it was sent for, else the sender
                 owner = (header.reply_to.encode() if header.reply_to
                          else (owners and owners[index]) or identity)
+                settled = False
                 if added:
                     reply["ok"] += 1
                 else:
                     reply["dup"].append(header.id)
                     # a resent or re-submitted id: its owner may be owed the result now
-                    self.reply_if_settled(batch, it, owner, header.id)
-                if header.notify:
+                    settled = self.reply_if_settled(batch, it, owner, header.id)
+                if header.notify and not settled:  # (a waiter of a settled task would stay)
                     self.waiters[header.id].add(owner)
         if reply["dup"] or "error" in reply or not isinstance(reply["req"], int):
             it.send(identity, P.ACK, P.encode(reply))
@@ -53,7 +54,13 @@ class ClientRequests:
             it.send(identity, P.ACK, b'{"req":%d,"ok":%d,"dup":[]}' % (reply["req"], reply["ok"]))
 
     def wait(self, batch, it, identity, body, now, refuse_submits):
+        waiters = self.waiters
         for task_id in P.check_ids(P.decode(body[0]) if body else {}):
+            if identity in waiters.get(task_id, ()):
+                # Subscribed already (a waiter's task is unsettled, or settled in this very
+                # iteration with its RESULT on the way): a bulk WAIT from a socket that asked
+                # before costs a set lookup per id, not LMDB reads.
+                continue
             if not self.reply_if_settled(batch, it, identity, task_id):
                 if batch.is_known(task_id):
                     self.waiters[task_id].add(identity)

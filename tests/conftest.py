@@ -17,7 +17,7 @@ from embedq.embedded import start_broker_process
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 #: the raw-socket peers and their fixtures (peers, raw_worker, assert_serves) for protocol tests
-pytest_plugins = ["raw_peers"]
+pytest_plugins = ["raw_peers", "broker_loop"]
 #: Fast liveness for tests: eviction after 0.2 * 3 = 0.6 s of silence.
 TEST_HEARTBEAT = 0.2
 
