@@ -44,6 +44,23 @@ def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
         time.sleep(interval)
 
 
+def record_waits(monkeypatch):
+    """The ids of every WAIT this process's client sends from now on, a list per WAIT."""
+    from embedq import protocol as P
+    from embedq.client import Connection
+
+    waits = []
+    real_send = Connection.send
+
+    def send(self, frames):
+        if frames[1] == P.WAIT:
+            waits.append(P.decode(frames[2])["ids"])
+        return real_send(self, frames)
+
+    monkeypatch.setattr(Connection, "send", send)
+    return waits
+
+
 def _environment():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS_DIR, env.get("PYTHONPATH")]))

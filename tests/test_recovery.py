@@ -31,7 +31,8 @@ from embedq import serialize, states
 from embedq.embedded import start_broker_process
 from embedq.store import Store
 
-from conftest import TEST_HEARTBEAT, _environment, pool_children, process_gone, wait_until
+from conftest import (TEST_HEARTBEAT, _environment, pool_children, process_gone, record_waits,
+                      wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -748,7 +749,6 @@ def test_after_a_broker_restart_the_first_get_asks_for_every_result_owed(broker,
     still owed, not only its own, so the get()s that follow find theirs already here instead of
     each waiting out an interval and asking alone (one WAIT per get before)."""
     import testapp
-    from embedq.client import Connection
 
     queued = [testapp.add.delay(i, i) for i in range(20)]  # no worker yet: they wait in LMDB
     broker.kill(signal.SIGKILL)
@@ -757,14 +757,6 @@ def test_after_a_broker_restart_the_first_get_asks_for_every_result_owed(broker,
     ids = [r.id for r in queued]
     wait_until(lambda: all(s["state"] == states.SUCCESS for s in app.client.status(ids).values()),
                timeout=30, message="every task run after the restart")
-    waits = []
-    real_send = Connection.send
-
-    def send(self, frames):
-        if frames[1] == P.WAIT:
-            waits.append(P.decode(frames[2])["ids"])
-        return real_send(self, frames)
-
-    monkeypatch.setattr(Connection, "send", send)
+    waits = record_waits(monkeypatch)
     assert [r.get(timeout=10) for r in queued] == [2 * i for i in range(20)]
     assert len(waits) == 1 and set(waits[0]) == set(ids), waits

@@ -3,7 +3,7 @@
 import pytest
 
 import embedq
-from conftest import wait_until
+from conftest import record_waits, wait_until
 from embedq import states
 
 pytestmark = pytest.mark.timeout(60)
@@ -173,22 +173,12 @@ def test_a_get_that_hears_the_broker_reasks_for_its_own_id_only(app, start_worke
     scheduled ahead) stalled the broker's loop once per interval, and scheduled tasks started
     late by up to 40 ms. (After a silence, see test_recovery: it asks for all of them.)"""
     import testapp
-    from embedq import protocol as P
-    from embedq.client import Connection
 
     start_worker(concurrency=2)
     assert testapp.add.delay(0, 0).get(timeout=20) == 0  # the worker is up: results flow at once
     late = testapp.add.apply_async((1, 1), countdown=2.0)  # about six resend intervals away
     stream = [testapp.add.apply_async((i, 0), countdown=0.05 * i) for i in range(40)]
-    waits = []
-    real_send = Connection.send
-
-    def send(self, frames):
-        if frames[1] == P.WAIT:
-            waits.append(P.decode(frames[2])["ids"])
-        return real_send(self, frames)
-
-    monkeypatch.setattr(Connection, "send", send)
+    waits = record_waits(monkeypatch)
     assert late.get(timeout=20) == 2  # meanwhile the stream's results arrive every 50 ms
     assert waits, "the get() never waited a resend interval: the test proves nothing"
     assert all(ids == [late.id] for ids in waits), waits
@@ -203,26 +193,17 @@ def test_a_thread_getting_a_backlog_in_order_asks_for_each_id_about_once(app, st
     import threading
 
     import testapp
-    from embedq import protocol as P
-    from embedq.client import Connection
 
     start_worker(concurrency=2)
     assert testapp.add.delay(0, 0).get(timeout=20) == 0
     n = 60
     backlog = [testapp.add.apply_async((i, 0), countdown=0.02 * i) for i in range(n)]
-    asked = []
-    real_send = Connection.send
-
-    def send(self, frames):
-        if frames[1] == P.WAIT:
-            asked.extend(P.decode(frames[2])["ids"])
-        return real_send(self, frames)
-
-    monkeypatch.setattr(Connection, "send", send)
+    waits = record_waits(monkeypatch)
     got = []
     consumer = threading.Thread(target=lambda: got.extend(r.get(timeout=20) for r in backlog))
     consumer.start()
     consumer.join(30)
+    asked = sum(map(len, waits))
     assert got == list(range(n))
-    assert len(asked) >= n // 2, "the consumer hardly waited: the test proves nothing"
-    assert len(asked) <= 3 * n, f"{len(asked)} ids asked for {n} results"
+    assert asked >= n // 2, "the consumer hardly waited: the test proves nothing"
+    assert asked <= 3 * n, f"{asked} ids asked for {n} results"
