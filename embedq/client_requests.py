@@ -63,7 +63,7 @@ class ClientRequests:
                 continue
             if not self.reply_if_settled(batch, it, identity, task_id):
                 if batch.is_known(task_id):
-                    self.waiters[task_id].add(identity)
+                    waiters[task_id].add(identity)
                 else:
                     it.add(identity, P.STATE, P.encode({"id": task_id, "state": states.UNKNOWN}))
 
